@@ -1,0 +1,55 @@
+"""Health aggregation for ``/health``: pure functions over the service's state.
+
+``healthy``: every enabled site connected; ``degraded``: some enabled site not
+connected; ``critical``: none connected (with at least one enabled) or the service not
+running. HTTP 200 for healthy and degraded, 503 for critical. No secret is ever included:
+the site objects carry none.
+"""
+from __future__ import annotations
+
+HEALTHY, DEGRADED, CRITICAL = "healthy", "degraded", "critical"
+HTTP_STATUS = {HEALTHY: 200, DEGRADED: 200, CRITICAL: 503}
+
+
+def overall_status(running: bool, enabled: int, connected: int) -> str:
+    if not running or (enabled and not connected):
+        return CRITICAL
+    return HEALTHY if connected >= enabled else DEGRADED
+
+
+def site_report(st, now_monotonic: float) -> dict:
+    return {
+        "name": st.name,
+        "client_id": st.client_id,
+        "broker": st.broker,
+        "protocol": st.protocol,
+        "enabled": st.enabled,
+        "state": st.state,
+        "connected": st.connected,
+        "connected_since": st.connected_since,
+        "last_disconnect_reason": st.last_disconnect_reason,
+        "last_disconnect_at": st.last_disconnect_at,
+        "connects": st.connects,
+        "reconnects": st.reconnect_attempts,
+        "cooldowns": st.cooldowns,
+        "cooldown_remaining_s": round(st.cooldown_remaining(now_monotonic), 3),
+        "messages_received": st.messages_received,
+        "last_message_at": st.last_message_at,
+    }
+
+
+def health_report(running: bool, instance_id: str, states, now_monotonic: float,
+                  verbose: bool = False):
+    """Returns ``(http_status, body)`` for the given site states."""
+    enabled = sum(1 for st in states if st.enabled)
+    connected = sum(1 for st in states if st.enabled and st.connected)
+    status = overall_status(running, enabled, connected)
+    body = {
+        "status": status,
+        "service": {"running": running, "instance_id": instance_id},
+        "connections": {"total": len(states), "enabled": enabled,
+                        "healthy": connected, "unhealthy": enabled - connected},
+    }
+    if verbose:
+        body["sites"] = [site_report(st, now_monotonic) for st in states]
+    return HTTP_STATUS[status], body

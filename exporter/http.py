@@ -1,0 +1,61 @@
+"""The HTTP interface: ``/metrics``, ``/health`` (and its old alias) on one gevent server."""
+from __future__ import annotations
+
+import json
+import logging
+from urllib.parse import parse_qs
+
+from gevent.pywsgi import WSGIServer
+from prometheus_client import make_wsgi_app
+
+from .health import health_report
+
+log = logging.getLogger(__name__)
+
+HEALTH_PATHS = frozenset({"/health", "/health/", "/api/v1/mqtt/health", "/api/v1/mqtt/health/"})
+ALLOWED_METHODS = ("GET", "HEAD")
+TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+INDEX = b"""<html><head><title>mqtt-site-exporter</title></head><body>
+<h1>mqtt-site-exporter</h1>
+<p><a href="/metrics">/metrics</a> <a href="/health?verbose=true">/health?verbose=true</a></p>
+</body></html>
+"""
+
+
+def _respond(start_response, status: str, body: bytes, content_type: str, extra=()):
+    start_response(status, [("Content-Type", content_type),
+                            ("Content-Length", str(len(body))), *extra])
+    return [body]
+
+
+def make_app(service, registry):
+    """WSGI app serving the service's metrics and health."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        known = path in HEALTH_PATHS or path in ("/metrics", "/")
+        if not known:
+            return _respond(start_response, "404 Not Found", b"not found\n", "text/plain")
+        if environ.get("REQUEST_METHOD") not in ALLOWED_METHODS:
+            return _respond(start_response, "405 Method Not Allowed", b"method not allowed\n",
+                            "text/plain", [("Allow", ", ".join(ALLOWED_METHODS))])
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/":
+            return _respond(start_response, "200 OK", INDEX, "text/html; charset=utf-8")
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        verbose = query.get("verbose", ["false"])[-1].lower() in TRUE_VALUES
+        code, body = health_report(service.running, service.instance_id, service.site_states,
+                                   service.clock.monotonic(), verbose)
+        text = "OK" if code == 200 else "Service Unavailable"
+        return _respond(start_response, f"{code} {text}",
+                        json.dumps(body, indent=1 if verbose else None).encode() + b"\n",
+                        "application/json", [("Cache-Control", "no-store")])
+
+    return app
+
+
+def make_server(host: str, port: int, app) -> WSGIServer:
+    """An unstarted gevent WSGI server; ``stop(timeout=0)`` returns at once."""
+    return WSGIServer((host, port), app, log=None, error_log=log)

@@ -1,0 +1,156 @@
+"""Runtime state that connections write and that metrics and health only read.
+
+Also holds the clock (injected everywhere so tests control time) and the shutdown
+history, the one piece of state that must survive a restart.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from time import monotonic as _monotonic, time as _wall_time
+from bisect import bisect_left
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+#: Site states, in the order they are exposed by ``mqtt_site_state``.
+CONNECTING, CONNECTED, BACKOFF, COOLDOWN, DISABLED, STOPPING = (
+    "connecting", "connected", "backoff", "cooldown", "disabled", "stopping")
+SITE_STATES = (CONNECTING, CONNECTED, BACKOFF, COOLDOWN, DISABLED, STOPPING)
+
+#: Why a connection ended (or an attempt failed); every one is exported from 0.
+TAKEOVER, CONNECTION_LOST, KEEPALIVE_TIMEOUT, REFUSED, NORMAL = (
+    "takeover", "connection_lost", "keepalive_timeout", "refused", "normal")
+DISCONNECT_REASONS = (TAKEOVER, CONNECTION_LOST, KEEPALIVE_TIMEOUT, REFUSED, NORMAL)
+
+CONNECT_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+SHUTDOWN_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
+
+
+class SystemClock:
+    """Wall time for timestamps, monotonic time for durations."""
+
+    time = staticmethod(_wall_time)
+    monotonic = staticmethod(_monotonic)
+
+
+class HistogramData:
+    """Plain bucket counts (non-cumulative, last slot is +Inf) with sum and count."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds, counts=None, total=0.0, count=0):
+        self.bounds = tuple(bounds)
+        self.counts = list(counts) if counts else [0] * (len(self.bounds) + 1)
+        self.sum = float(total)
+        self.count = int(count)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self):
+        """``[(le, cumulative_count), ...]`` ending with ``+Inf``, as exposition wants."""
+        out, running = [], 0
+        for bound, n in zip(self.bounds + (float("inf"),), self.counts):
+            running += n
+            out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
+        return out
+
+
+@dataclass
+class SiteState:
+    """What one site's connection reports about itself. Written only by its connection."""
+
+    name: str
+    client_id: str
+    broker: str
+    protocol: str
+    enabled: bool
+    state: str = CONNECTING
+    connected_since: float | None = None          # wall clock, while connected
+    connected_at_monotonic: float | None = None
+    last_disconnect_reason: str | None = None
+    last_disconnect_at: float | None = None
+    connects: int = 0
+    disconnects: dict = field(default_factory=lambda: dict.fromkeys(DISCONNECT_REASONS, 0))
+    reconnect_attempts: int = 0
+    cooldowns: int = 0
+    cooldown_until_monotonic: float | None = None
+    messages_received: int = 0
+    last_message_at: float | None = None
+    connect_duration: HistogramData = field(
+        default_factory=lambda: HistogramData(CONNECT_DURATION_BUCKETS))
+
+    @property
+    def connected(self) -> bool:
+        return self.state == CONNECTED
+
+    def cooldown_remaining(self, now_monotonic: float) -> float:
+        if self.state != COOLDOWN or self.cooldown_until_monotonic is None:
+            return 0.0
+        return max(0.0, self.cooldown_until_monotonic - now_monotonic)
+
+
+class ShutdownHistory:
+    """Shutdown durations of every earlier run, persisted atomically in the state dir.
+
+    A process cannot be scraped after it exits, so each shutdown is recorded here and
+    re-exposed by the next run: the histogram's ``_count`` grows by one per restart.
+    """
+
+    FILENAME = "shutdown-history.json"
+
+    def __init__(self, path: str, histogram: HistogramData | None = None,
+                 last_timed_out: bool = False, last_duration: float | None = None):
+        self.path = path
+        self.histogram = histogram or HistogramData(SHUTDOWN_DURATION_BUCKETS)
+        self.last_timed_out = last_timed_out
+        self.last_duration = last_duration
+
+    @classmethod
+    def load(cls, state_dir: str) -> "ShutdownHistory":
+        path = os.path.join(state_dir, cls.FILENAME)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+            if tuple(data["bounds"]) != SHUTDOWN_DURATION_BUCKETS:
+                raise ValueError("bucket bounds changed")
+            hist = HistogramData(SHUTDOWN_DURATION_BUCKETS, data["counts"], data["sum"], data["count"])
+            if len(hist.counts) != len(SHUTDOWN_DURATION_BUCKETS) + 1:
+                raise ValueError("wrong number of buckets")
+            return cls(path, hist, bool(data["last_timed_out"]), data.get("last_duration_seconds"))
+        except FileNotFoundError:
+            return cls(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("Ignoring unreadable shutdown history %s: %s", path, exc)
+            return cls(path)
+
+    def record(self, duration: float, timed_out: bool) -> None:
+        """Add one shutdown and write the file atomically (temp file, fsync, rename)."""
+        self.histogram.observe(duration)
+        self.last_timed_out = timed_out
+        self.last_duration = duration
+        data = {"bounds": list(SHUTDOWN_DURATION_BUCKETS), "counts": self.histogram.counts,
+                "sum": self.histogram.sum, "count": self.histogram.count,
+                "last_timed_out": timed_out, "last_duration_seconds": duration,
+                "recorded_at": time.time()}
+        directory = os.path.dirname(self.path) or "."
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".shutdown-", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise

@@ -1,0 +1,94 @@
+"""The service: one :class:`~exporter.connection.SiteConnection` per site, started together
+and stopped together, in parallel, within one deadline.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+from dataclasses import dataclass
+
+import gevent
+
+from .connection import SiteConnection, drain_until_closed
+from .state import ShutdownHistory, SystemClock
+
+log = logging.getLogger(__name__)
+
+#: Descriptors kept free for the HTTP server, logs and the state file.
+FD_HEADROOM = 256
+
+
+@dataclass(frozen=True)
+class ShutdownResult:
+    duration: float
+    timed_out: bool
+    closed_cleanly: int
+    closed_abruptly: int
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard limit when many sites need sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = needed + FD_HEADROOM
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < want:
+            log.warning("Only %d file descriptors allowed for %d sites", new, needed)
+
+
+class Service:
+    """Owns the site connections; metrics and health read :attr:`site_states`."""
+
+    def __init__(self, settings, clock=None, rng=None):
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.connections = [SiteConnection(site, settings, self.clock, rng)
+                            for site in settings.sites]
+        self.shutdown_history = ShutdownHistory.load(settings.state_dir)
+        self.running = False
+
+    @property
+    def instance_id(self) -> str:
+        return self.settings.instance_id
+
+    @property
+    def site_states(self):
+        return [conn.state for conn in self.connections]
+
+    def start(self) -> None:
+        raise_fd_limit(len(self.connections))
+        for conn in self.connections:
+            conn.start()
+        self.running = True
+
+    def shutdown(self, started_at: float | None = None) -> ShutdownResult:
+        """Close every connection at once, bounded by ``settings.shutdown_timeout``.
+
+        ``started_at`` (monotonic) is when the stop was requested, e.g. the signal's
+        arrival; the deadline and the recorded duration count from it.
+        """
+        clock = self.clock
+        started_at = clock.monotonic() if started_at is None else started_at
+        deadline = started_at + self.settings.shutdown_timeout
+        self.running = False
+        greenlets = [g for g in (c.stop_greenlet() for c in self.connections) if g]
+        gevent.killall(greenlets, block=True, timeout=max(0.0, deadline - clock.monotonic()))
+        sockets = [s for s in (c.send_farewell() for c in self.connections) if s is not None]
+        drains = [gevent.spawn(drain_until_closed, s, deadline, clock) for s in sockets]
+        gevent.joinall(drains, timeout=max(0.0, deadline - clock.monotonic()) + 0.05)
+        clean = sum(1 for d in drains if d.value is True)
+        duration = clock.monotonic() - started_at
+        timed_out = clean < len(drains) or any(not g.dead for g in greenlets)
+        result = ShutdownResult(duration, timed_out, clean, len(drains) - clean)
+        if timed_out:
+            log.warning("Shutdown hit the %.1f s timeout: %d of %d connections closed without "
+                        "the broker's confirmation", self.settings.shutdown_timeout,
+                        result.closed_abruptly, len(drains))
+        log.info("All connections disconnected in %.2f s", duration)
+        try:
+            self.shutdown_history.record(duration, timed_out)
+        except OSError as exc:
+            log.error("Cannot record the shutdown duration in %s: %s",
+                      self.settings.state_dir, exc)
+        return result
