@@ -72,14 +72,14 @@ class Service:
         started_at = clock.monotonic() if started_at is None else started_at
         deadline = started_at + self.settings.shutdown_timeout
         self.running = False
-        greenlets = [g for g in (c.stop_greenlet() for c in self.connections) if g]
-        gevent.killall(greenlets, block=True, timeout=max(0.0, deadline - clock.monotonic()))
+        for conn in self.connections:
+            conn.stop()
         sockets = [s for s in (c.send_farewell() for c in self.connections) if s is not None]
         drains = [gevent.spawn(drain_until_closed, s, deadline, clock) for s in sockets]
         gevent.joinall(drains, timeout=max(0.0, deadline - clock.monotonic()) + 0.05)
         clean = sum(1 for d in drains if d.value is True)
         duration = clock.monotonic() - started_at
-        timed_out = clean < len(drains) or any(not g.dead for g in greenlets)
+        timed_out = clean < len(drains)
         result = ShutdownResult(duration, timed_out, clean, len(drains) - clean)
         if timed_out:
             log.warning("Shutdown hit the %.1f s timeout: %d of %d connections closed without "

@@ -1,0 +1,41 @@
+# mqtt-site-exporter developer targets.
+#   make test   - venv + Debian tools, then the pytest suite (what .ci/run does)
+#   make demo   - local mosquitto + simulated sites + exporter on 127.0.0.1:8000
+#   make bench  - benchmarks (package bench/)
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+SITES_FILE ?= examples/sites.yml
+
+.PHONY: venv deps test demo bench check-config clean
+
+venv: $(STAMP)
+
+# Re-installs only when the packaging metadata changes.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install -q -e '.[test]'
+	touch $@
+
+deps:
+	bash scripts/ensure-deps.sh
+
+test: venv deps
+	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv deps
+	$(VENV_PY) scripts/demo.py
+
+bench: venv deps
+	$(VENV_PY) -m bench
+
+# Validate a sites file without connecting anywhere (default: the demo one).
+check-config: venv
+	MQTT_SITES_FILE=$(SITES_FILE) $(VENV_PY) -m exporter check-config
+
+clean:
+	rm -rf $(VENV) .demo build dist *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
