@@ -21,15 +21,16 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 deps:
-	bash scripts/ensure-deps.sh
+	PYTHON=$(PYTHON) bash scripts/ensure-deps.sh
 
-test: venv deps
+test: deps venv
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: venv deps
+demo: deps venv
+	bash scripts/ensure-deps.sh mosquitto_sub
 	$(VENV_PY) scripts/demo.py
 
-bench: venv deps
+bench: deps venv
 	$(VENV_PY) -m bench
 
 # Validate a sites file without connecting anywhere (default: the demo one).

@@ -32,6 +32,10 @@ listeners() {
 }
 
 missing_pkgs=()
+# `make` builds .venv with python3 -m venv: Debian's python3 needs python3-venv for that.
+if ! "${PYTHON:-python3}" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  missing_pkgs+=(python3-venv)
+fi
 for tool in mosquitto promtool "$@"; do
   pkg=${PKG[$tool]:-}
   if [ -z "$pkg" ]; then
