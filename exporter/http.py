@@ -41,7 +41,8 @@ def make_app(service, registry):
             return _respond(start_response, "405 Method Not Allowed", b"method not allowed\n",
                             "text/plain", [("Allow", ", ".join(ALLOWED_METHODS))])
         if path == "/metrics":
-            return metrics_app(environ, start_response)
+            # prometheus_client answers only GET; pywsgi drops the body of a HEAD reply.
+            return metrics_app(dict(environ, REQUEST_METHOD="GET"), start_response)
         if path == "/":
             return _respond(start_response, "200 OK", INDEX, "text/html; charset=utf-8")
         query = parse_qs(environ.get("QUERY_STRING", ""))

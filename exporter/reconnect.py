@@ -11,6 +11,7 @@ Takeover ("code 7") detection:
   between, is a takeover. A broker restart closes a long-lived connection (not a takeover)
   and then refuses connects (not a close), so it never costs a cooldown.
 
+A cooldown of 0 turns cooldowns off: a takeover then backs off like any other loss.
 The backoff (``backoff_min`` doubling to ``backoff_max``, with jitter) resets only after a
 connection stayed up ``stable_seconds``: a connect-then-kick loop keeps backing off.
 """
@@ -87,7 +88,7 @@ class ReconnectPolicy:
 
     def next(self, end: ConnectionEnd) -> Decision:
         reason = self.classify(end)
-        if reason == TAKEOVER:
+        if reason == TAKEOVER and self.cooldown_seconds > 0:
             decision = Decision(reason, self.cooldown_seconds, True)
         else:
             decision = Decision(reason, self.backoff_delay(self.failures), False)

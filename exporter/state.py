@@ -118,12 +118,16 @@ class ShutdownHistory:
         try:
             with open(path, encoding="utf-8") as fh:
                 data = json.load(fh)
+            counts, total, count = data["counts"], data["sum"], data["count"]
             if tuple(data["bounds"]) != SHUTDOWN_DURATION_BUCKETS:
                 raise ValueError("bucket bounds changed")
-            hist = HistogramData(SHUTDOWN_DURATION_BUCKETS, data["counts"], data["sum"], data["count"])
-            if len(hist.counts) != len(SHUTDOWN_DURATION_BUCKETS) + 1:
-                raise ValueError("wrong number of buckets")
-            return cls(path, hist, bool(data["last_timed_out"]), data.get("last_duration_seconds"))
+            if (len(counts) != len(SHUTDOWN_DURATION_BUCKETS) + 1
+                    or not all(type(n) is int and n >= 0 for n in counts)
+                    or type(count) is not int or sum(counts) != count
+                    or not isinstance(total, (int, float)) or isinstance(total, bool)):
+                raise ValueError("inconsistent counts")
+            hist = HistogramData(SHUTDOWN_DURATION_BUCKETS, counts, total, count)
+            return cls(path, hist, data["last_timed_out"] is True, data.get("last_duration_seconds"))
         except FileNotFoundError:
             return cls(path)
         except (OSError, ValueError, KeyError, TypeError) as exc:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -70,8 +71,34 @@ MOSQUITTO_MISSING = (
 # --------------------------------------------------------------------------- basics
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as fh:
+            low, high = map(int, fh.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A port that was free on 127.0.0.1 a moment ago (bind to port 0 and release it)."""
+    """A port free on 127.0.0.1 a moment ago, outside the kernel's ephemeral range.
+
+    An ephemeral port (what binding to port 0 gives) can be taken as the local port of
+    any outgoing connection before our server binds it; on a busy machine with thousands
+    of short test connections that happens. Ports below the range are only taken by
+    explicit binds.
+    """
+    low, high = _ephemeral_range()
+    candidates = range(20000, low) if low > 21000 else range(high + 1, 65535)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(candidates)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]

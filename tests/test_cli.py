@@ -1,0 +1,334 @@
+"""The command line as a user runs it: ``python -m exporter ...`` in a subprocess with a cwd
+and environment we control (and the ``mqtt-site-exporter`` console script when installed).
+
+Config errors must stop ``run`` with exit 2 before any connection: checked against a live
+broker's log (a sentinel client connects after the run; no other connection may appear).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+import exporter
+from harness import HOST, REPO_ROOT, free_port, mqtt_client, site, wait_until
+
+RUN_TIMEOUT = 60
+
+
+def start_exporter(exporter_factory, sites, env=None, **kw):
+    """exporter_factory(...) started and answering /health."""
+    return exporter_factory(sites, env=env, **kw).wait_ready()
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MQTT_", "EXPORTER_", "LOG_"))}
+    pp = env.get("PYTHONPATH")
+    env.update({
+        "PYTHONPATH": str(REPO_ROOT) + (os.pathsep + pp if pp else ""),
+        "PYTHONUNBUFFERED": "1",
+        "MQTT_SITES_FILE": str(tmp_path / "sites.yml"),
+        "MQTT_INSTANCE_ID": "cli",
+        "MQTT_STATE_DIR": str(tmp_path / "state"),
+        "EXPORTER_LISTEN": f"{HOST}:{free_port()}",
+    })
+    env.update(extra)
+    return env
+
+
+def cli(args, tmp_path, env=None, timeout=RUN_TIMEOUT, command=None):
+    return subprocess.run((command or [sys.executable, "-m", "exporter"]) + list(args),
+                          cwd=tmp_path, env=env or base_env(tmp_path), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def write_sites(tmp_path: Path, sites) -> Path:
+    path = tmp_path / "sites.yml"
+    path.write_text(yaml.safe_dump({"sites": sites}, sort_keys=False))
+    return path
+
+
+# =========================================================================== help / version
+
+
+@pytest.mark.timeout(60)
+def test_version(tmp_path):
+    r = cli(["--version"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"mqtt-site-exporter {exporter.__version__}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, expect", [
+    (["--help"], ["run", "check-config", "status"]),
+    (["run", "--help"], ["SIGTERM"]),
+    (["check-config", "--help"], ["exit 2"]),
+    (["status", "--help"], ["--url", "--timeout"]),
+], ids=["top", "run", "check-config", "status"])
+def test_help(tmp_path, args, expect):
+    r = cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: mqtt-site-exporter"), r.stdout
+    for word in expect:
+        assert word in r.stdout, (word, r.stdout)
+    assert r.stderr == ""
+
+
+def console_script() -> Path | None:
+    for candidate in (Path(sys.executable).parent / "mqtt-site-exporter",
+                      REPO_ROOT / ".venv" / "bin" / "mqtt-site-exporter"):
+        if os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_console_script(tmp_path):
+    script = console_script()
+    if script is None:
+        pytest.skip("console script mqtt-site-exporter not installed in the venv "
+                    "(pip install -e . creates it)")
+    r = cli(["--version"], tmp_path, command=[str(script)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"mqtt-site-exporter {exporter.__version__}"
+    r = cli(["status", "--help"], tmp_path, command=[str(script)])
+    assert r.returncode == 0 and "--url" in r.stdout
+
+
+# =========================================================================== config errors
+
+
+LITERAL = "lit-" + secrets.token_hex(8)
+
+
+def bad_sites_cases(tmp_path: Path, broker) -> dict:
+    """case id -> (file content as text, [fragments stderr must contain])."""
+    good = site("good", broker)
+    f = str(tmp_path / "sites.yml")
+
+    def doc(*sites):
+        return yaml.safe_dump({"sites": [good, *sites]}, sort_keys=False)
+
+    pw_dir = tmp_path / "pw-is-a-directory"
+    pw_dir.mkdir(exist_ok=True)
+    return {
+        "unknown-key": (doc(site("s1", broker, usernme="x")),
+                        [f, "site 's1'", "key 'usernme'", "did you mean 'username'"]),
+        "bad-type": (doc(site("s1", broker, enabled="yes")),
+                     [f, "site 's1'", "key 'enabled'", "expected boolean"]),
+        "port-as-string": (doc({"name": "s1", "host": HOST, "port": "1883"}),
+                           [f, "site 's1'", "key 'port'", "expected integer"]),
+        "duplicate-name": (doc(site("good", broker)),
+                           [f, "site 'good' (#2)", "key 'name'", "duplicate name"]),
+        "missing-host": (doc({"name": "s1", "port": broker.port}),
+                         [f, "site 's1'", "key 'host'", "required"]),
+        "bad-port": (doc({"name": "s1", "host": HOST, "port": 70000}),
+                     [f, "site 's1'", "key 'port'", "1..65535"]),
+        "literal-password": (doc(site("s1", broker, username="u", password=LITERAL)),
+                             [f, "site 's1'", "key 'password'", "literal passwords"]),
+        "unset-password-env": (doc(site("s1", broker, username="u",
+                                        password_env="CLI_TEST_UNSET_PW")),
+                               [f, "site 's1'", "key 'password_env'", "CLI_TEST_UNSET_PW",
+                                "not set"]),
+        "unreadable-password-file": (doc(site("s1", broker, username="u",
+                                              password_file=str(pw_dir))),
+                                     [f, "site 's1'", "key 'password_file'", str(pw_dir),
+                                      "cannot read password file"]),
+        "bad-protocol": (doc(site("s1", broker, protocol="4")),
+                         [f, "site 's1'", "key 'protocol'", "'3.1.1' or '5'"]),
+        "bad-keepalive": (doc(site("s1", broker, keepalive=2)),
+                          [f, "site 's1'", "key 'keepalive'", "5..65535"]),
+        "bad-yaml": (f"sites:\n  - name: good\n    host: {HOST}\n    port: {broker.port}\n"
+                     "  - name: [unclosed\n",
+                     [f, "invalid YAML", "line"]),
+        "missing-file": (None, [f, "file not found"]),
+    }
+
+
+CASE_IDS = [
+    "unknown-key", "bad-type", "port-as-string", "duplicate-name", "missing-host", "bad-port",
+    "literal-password", "unset-password-env", "unreadable-password-file", "bad-protocol",
+    "bad-keepalive", "bad-yaml", "missing-file"]
+
+
+def connection_lines(broker) -> int:
+    return len(re.findall(r"^\d+: New connection from ", broker.log_text(), re.M))
+
+
+def sentinel_connect(broker) -> int:
+    """Connect a sentinel client and wait until the broker logged it. Mosquitto logs
+    connections in accept order, so every earlier connection is in the log by then.
+    Returns the number of "New connection" lines at that point."""
+    sentinel = f"sentinel-{uuid.uuid4().hex[:8]}"
+    c = mqtt_client(broker, client_id=sentinel)
+    c.connect(broker.host, broker.port, keepalive=10)
+    c.loop_start()
+    try:
+        broker.wait_log(rf"^\d+: New client connected from \S+ as {sentinel} ", 10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return connection_lines(broker)
+
+
+def assert_no_connection_since(broker, baseline: int) -> None:
+    """``baseline`` from sentinel_connect() before the run: the next sentinel must be the
+    only new connection, and only sentinels ever sent a CONNECT."""
+    after = sentinel_connect(broker)
+    assert after == baseline + 1, broker.log_text()
+    ids = {cid for _, kind, cid in broker.events() if kind == "connect"}
+    assert all(cid.startswith("sentinel-") for cid in ids), ids
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_run_with_a_bad_sites_file_exits_2_before_connecting(broker, tmp_path, case):
+    content, fragments = bad_sites_cases(tmp_path, broker)[case]
+    if content is not None:
+        (tmp_path / "sites.yml").write_text(content)
+    baseline = sentinel_connect(broker)
+    r = cli(["run"], tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "invalid configuration" in r.stderr
+    for fragment in fragments:
+        assert fragment in r.stderr, (fragment, r.stderr)
+    assert LITERAL not in r.stderr + r.stdout
+    # check-config agrees, with the same message.
+    cc = cli(["check-config"], tmp_path)
+    assert cc.returncode == 2 and cc.stderr == r.stderr
+    assert_no_connection_since(broker, baseline)
+
+
+@pytest.mark.timeout(90)
+def test_run_default_command_is_run_and_also_validates(broker, tmp_path):
+    (tmp_path / "sites.yml").write_text("sites: [")
+    baseline = sentinel_connect(broker)
+    r = cli([], tmp_path)
+    assert r.returncode == 2 and "invalid YAML" in r.stderr
+    assert_no_connection_since(broker, baseline)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("var, value", [
+    ("MQTT_KEEP_ALIVE", "abc"),
+    ("MQTT_SHUTDOWN_TIMEOUT", "-1"),
+    ("EXPORTER_LISTEN", "nohostport"),
+    ("LOG_LEVEL", "LOUD"),
+])
+def test_run_with_a_bad_env_value_exits_2_naming_the_variable(broker, tmp_path, var, value):
+    write_sites(tmp_path, [site("good", broker)])
+    baseline = sentinel_connect(broker)
+    r = cli(["run"], tmp_path, env=base_env(tmp_path, **{var: value}))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert f"environment: {var}:" in r.stderr, r.stderr
+    assert_no_connection_since(broker, baseline)
+
+
+@pytest.mark.timeout(60)
+def test_check_config_prints_one_line_per_site_and_never_the_password(tmp_path):
+    secret = "P-" + secrets.token_urlsafe(18)
+    pw_file = tmp_path / "pw"
+    pw_file.write_text(secret + "\n")
+    write_sites(tmp_path, [
+        {"name": "alpha", "host": HOST, "port": 1883, "username": "u", "password_env": "CC_PW"},
+        {"name": "beta", "host": "broker.example.org", "port": 8883, "tls": True,
+         "protocol": "5", "username": "u", "password_file": str(pw_file)},
+        {"name": "gamma", "host": HOST, "enabled": False, "topics": ["x/#", "y/+"]},
+    ])
+    r = cli(["check-config"], tmp_path, env=base_env(tmp_path, CC_PW=secret))
+    assert r.returncode == 0, r.stderr
+    assert secret not in r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4, lines
+    assert [line.split(":")[0] for line in lines[:3]] == ["alpha", "beta", "gamma"]
+    alpha, beta, gamma, ok = lines
+    assert f"{HOST}:1883" in alpha and "client_id=alpha_icli" in alpha
+    assert "password=env:CC_PW" in alpha and alpha.endswith("enabled")
+    assert "mqtts 5" in beta and f"password=file:{pw_file}" in beta
+    assert "topics=x/#,y/+" in gamma and gamma.endswith("disabled")
+    assert ok.startswith("OK:") and "3 sites (2 enabled)" in ok and "instance ID cli" in ok
+    # Nothing was written or started: no state dir.
+    assert not (tmp_path / "state").exists()
+
+
+# =========================================================================== status
+
+
+def status_cmd(url: str, tmp_path: Path):
+    return cli(["status", "--url", url, "--timeout", "5"], tmp_path)
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    lines = stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("SITE"))
+    return {line.split()[0]: line.split() for line in lines[header + 1:] if line.strip()}
+
+
+@pytest.mark.timeout(90)
+def test_status_healthy_exit_0(broker, exporter_factory, tmp_path):
+    exp = start_exporter(exporter_factory, [site("site_a", broker), site("site_b", broker),
+                                            site("off", broker, enabled=False)])
+    wait_until(lambda: exp.health()[1].get("connections", {}).get("healthy") == 2, 15,
+               message="two sites connected")
+    r = status_cmd(exp.url, tmp_path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert r.stdout.splitlines()[0].startswith("HEALTHY")
+    rows = table_rows(r.stdout)
+    assert set(rows) == {"site_a", "site_b", "off"}
+    assert rows["site_a"][1] == rows["site_b"][1] == "connected"
+    assert rows["off"][1] == "disabled"
+    assert rows["site_a"][2] == "site_a_itest" and rows["site_a"][3] == f"{HOST}:{broker.port}"
+
+
+@pytest.mark.timeout(90)
+def test_status_degraded_exit_1(broker, exporter_factory, tmp_path):
+    exp = start_exporter(exporter_factory, [site("site_a", broker),
+                                            {"name": "dead", "host": HOST, "port": free_port()}],
+                         env={"MQTT_BACKOFF_MIN_SECONDS": "0.2"})
+    wait_until(lambda: exp.health()[1].get("connections", {}).get("healthy") == 1, 15,
+               message="site_a connected")
+    r = status_cmd(exp.url + "/", tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stdout.splitlines()[0].startswith("DEGRADED")
+    rows = table_rows(r.stdout)
+    assert set(rows) == {"site_a", "dead"}
+    assert rows["site_a"][1] == "connected"
+    assert rows["dead"][1] in ("connecting", "backoff")
+
+
+@pytest.mark.timeout(90)
+def test_status_critical_exit_1(exporter_factory, tmp_path):
+    exp = start_exporter(exporter_factory, [{"name": "dead", "host": HOST, "port": free_port()}])
+    wait_until(lambda: exp.health()[0] == 503, 15, message="critical")
+    r = status_cmd(exp.url, tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stdout.splitlines()[0].startswith("CRITICAL") and "dead" in table_rows(r.stdout)
+
+
+@pytest.mark.timeout(60)
+def test_status_unreachable_exit_3(tmp_path):
+    url = f"http://{HOST}:{free_port()}"
+    r = status_cmd(url, tmp_path)
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert "cannot reach" in r.stderr and url in r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_status_default_url_comes_from_exporter_listen(broker, exporter_factory, tmp_path):
+    exp = start_exporter(exporter_factory, [site("site_a", broker)])
+    wait_until(lambda: exp.health()[0] == 200 and exp.health()[1]["status"] == "healthy", 15,
+               message="healthy")
+    r = cli(["status"], tmp_path, env=base_env(tmp_path, EXPORTER_LISTEN=f"0.0.0.0:{exp.port}"))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "site_a" in table_rows(r.stdout)
