@@ -37,22 +37,7 @@ def cmd_run(args) -> int:
     import gevent
     from gevent.event import Event
 
-    settings = _load_settings_or_exit()
-    from .http import make_app, make_server
-    from .logs import configure_logging
-    from .metrics import build_registry
-    from .supervisor import Service
-
-    configure_logging(settings.log_level, settings.log_format)
     log = logging.getLogger("exporter")
-    service = Service(settings)
-    server = make_server(settings.listen_host, settings.listen_port,
-                         make_app(service, build_registry(service)))
-    try:
-        server.start()
-    except OSError as exc:
-        log.error("Cannot listen on %s:%d: %s", settings.listen_host, settings.listen_port, exc)
-        return 1
     stop_requested = Event()
     signal_at: list[float] = []
 
@@ -65,13 +50,31 @@ def cmd_run(args) -> int:
         log.info("%s received: shutting down", signal.Signals(signum).name)
         stop_requested.set()
 
+    # First thing: a SIGTERM during start-up must still mean a clean exit.
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, on_signal, signum)
+
+    settings = _load_settings_or_exit()
+    from .http import make_app, make_server
+    from .logs import configure_logging
+    from .metrics import build_registry
+    from .supervisor import Service
+
+    configure_logging(settings.log_level, settings.log_format)
+    service = Service(settings)
+    server = make_server(settings.listen_host, settings.listen_port,
+                         make_app(service, build_registry(service)))
+    try:
+        server.start()
+    except OSError as exc:
+        log.error("Cannot listen on %s:%d: %s", settings.listen_host, settings.listen_port, exc)
+        return 1
     log.info("mqtt-site-exporter %s (instance %s): %d sites, listening on %s:%d",
              __version__, settings.instance_id, len(settings.sites),
              settings.listen_host, settings.listen_port)
-    service.start()
-    stop_requested.wait()
+    if not stop_requested.is_set():
+        service.start()
+        stop_requested.wait()
     service.shutdown(signal_at[0])
     server.stop(timeout=0)
     logging.shutdown()

@@ -9,13 +9,11 @@ import sys
 import textwrap
 import threading
 import time
-import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
 
 from harness import (
-    FakeV5Broker,
     _kill_proc,
     mqtt_client,
     port_accepts,

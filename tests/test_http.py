@@ -10,7 +10,6 @@ import http.client
 import json
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import time
