@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $@
 
 deps:
-	PYTHON=$(PYTHON) bash scripts/ensure-deps.sh
+	PYTHON=$(PYTHON) bash scripts/ensure-deps.sh prometheus amtool docker-compose
 
 test: deps venv
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
