@@ -3,6 +3,7 @@ and stopped together, in parallel, within one deadline.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import resource
 from dataclasses import dataclass
@@ -72,15 +73,23 @@ class Service:
         started_at = clock.monotonic() if started_at is None else started_at
         deadline = started_at + self.settings.shutdown_timeout
         self.running = False
-        for conn in self.connections:
-            conn.stop()
-        sockets = [s for s in (c.send_farewell() for c in self.connections) if s is not None]
-        drains = [gevent.spawn(drain_until_closed, s, deadline, clock) for s in sockets]
-        gevent.joinall(drains, timeout=max(0.0, deadline - clock.monotonic()) + 0.05)
-        clean = sum(1 for d in drains if d.value is True)
+        # A full collection triggered by the spawns below costs 20-150 ms and frees nothing.
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for conn in self.connections:
+                conn.stop()
+            sockets = [s for s in (c.send_farewell() for c in self.connections) if s is not None]
+            drains = [gevent.spawn(drain_until_closed, s) for s in sockets]
+            gevent.joinall(drains, timeout=max(0.0, deadline - clock.monotonic()))
+            pending = [d for d in drains if not d.dead]
+            gevent.killall(pending, block=False)  # their sockets close as they die
+        finally:
+            if gc_was_enabled:
+                gc.enable()
         duration = clock.monotonic() - started_at
-        timed_out = clean < len(drains)
-        result = ShutdownResult(duration, timed_out, clean, len(drains) - clean)
+        timed_out = bool(pending)
+        result = ShutdownResult(duration, timed_out, len(drains) - len(pending), len(pending))
         if timed_out:
             log.warning("Shutdown hit the %.1f s timeout: %d of %d connections closed without "
                         "the broker's confirmation", self.settings.shutdown_timeout,

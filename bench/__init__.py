@@ -1,0 +1,17 @@
+"""Benchmarks of mqtt-site-exporter: ``python -m bench [--quick] [--runs N] [--only NAME]``.
+
+``BENCHMARKS`` is the registry: name -> function taking a :class:`bench.common.BenchContext`
+and returning a :class:`bench.common.BenchResult`. To add one, write ``bench/<name>.py``
+with a ``run(ctx)`` function and add it here. Results go to ``bench/results.md``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from . import kill_offline, shutdown
+from .common import BenchContext, BenchResult
+
+BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
+    "shutdown": shutdown.run,
+    "kill_offline": kill_offline.run,
+}
