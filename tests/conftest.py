@@ -122,3 +122,25 @@ def status_watcher():
             w.close()
         except Exception:  # noqa: BLE001 - teardown of a client to a dead broker
             pass
+
+
+@pytest.fixture
+def prometheus_factory(tmp_path, request):
+    """make(targets, rule_files=(), interval="1s") -> started promharness.Prometheus in
+    tmp_path/prometheus-N scraping the ``host:port`` targets; all killed at teardown."""
+    from promharness import Prometheus
+
+    servers: list[Prometheus] = []
+
+    def make(targets, rule_files=(), interval="1s") -> Prometheus:
+        server = Prometheus(tmp_path / f"prometheus-{len(servers)}", targets, rule_files,
+                            interval)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    failed = _failed(request)
+    for server in servers:
+        server.cleanup()
+        if failed:
+            print(f"\n===== prometheus {server.url} log tail =====\n{server.log_tail()}")
