@@ -65,8 +65,9 @@ def farewell_packets(status_topic: str, protocol: str, lwt_enabled: bool) -> byt
 class SiteConnection:
     """Keeps one site connected, with our backoff and the takeover cooldown."""
 
-    def __init__(self, site, settings, clock, rng=None):
+    def __init__(self, site, settings, clock, rng=None, bridge=None):
         self.site = site
+        self.bridge = bridge  # exporter.bridge.SiteBridge or None: ingest(topic, payload)
         self.settings = settings
         self.clock = clock
         self.client_id = site.client_id(settings.instance_id)
@@ -145,6 +146,8 @@ class SiteConnection:
             return  # our own online/offline echo is not traffic from the site
         self.state.messages_received += 1
         self.state.last_message_at = self.clock.time()
+        if self.bridge is not None:
+            self.bridge.ingest(message.topic, message.payload)
 
     # -- the connection's greenlet ------------------------------------------------------
     def _run(self) -> None:
