@@ -22,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .inbound import InboundReader
 from .reconnect import ConnectionEnd, ReconnectPolicy
 from .state import (BACKOFF, CONNECTED, CONNECTING, COOLDOWN, DISABLED, STOPPING,
                     SiteState)
@@ -142,12 +143,16 @@ class SiteConnection:
                                   from_server=flags.is_disconnect_packet_from_server)
 
     def _on_message(self, client, userdata, message):
-        if message.topic == self.site.status_topic:
+        self._deliver(message.topic, message.payload)
+
+    def _deliver(self, topic: str, payload: bytes) -> None:
+        """Every message on the site's topics: from paho, or from the inbound fast path."""
+        if topic == self.site.status_topic:
             return  # our own online/offline echo is not traffic from the site
         self.state.messages_received += 1
         self.state.last_message_at = self.clock.time()
         if self.bridge is not None:
-            self.bridge.ingest(message.topic, message.payload)
+            self.bridge.ingest(topic, payload)
 
     # -- the connection's greenlet ------------------------------------------------------
     def _run(self) -> None:
@@ -188,12 +193,17 @@ class SiteConnection:
             self.log.warning("Cannot connect to %s: %s", site.broker, exc)
             self._close_socket()
             return ConnectionEnd(connected=False)
+        if client.socket() is None:  # paho lost it while writing CONNECT (no exception)
+            self.log.warning("Connection to %s lost before CONNECT was sent", site.broker)
+            return ConnectionEnd(connected=False)
         self._serve(client)
         self._close_socket()
         return self._end or ConnectionEnd(connected=self._connack_ok)
 
     def _serve(self, client: mqtt.Client) -> None:
         sock = client.socket()
+        reader = InboundReader(client, sock, self._deliver, self.site.protocol == "5",
+                               lambda: self._connack_ok)
         hub = gevent.get_hub()
         read_watcher = hub.loop.io(sock.fileno(), _READ)
         rw_watcher = hub.loop.io(sock.fileno(), _READ | _WRITE)
@@ -217,7 +227,7 @@ class SiteConnection:
                     pass
                 if self._stopping:
                     return
-                if (client.loop_read() or (client.want_write() and client.loop_write())
+                if (reader.read() or (client.want_write() and client.loop_write())
                         or client.loop_misc()):
                     return
         finally:

@@ -7,9 +7,10 @@ Takeover ("code 7") detection:
 - MQTT 5 with a broker that says so: DISCONNECT reason 0x8E "Session taken over".
 - Otherwise by evidence, because paho reports every broker-side close the same way
   (reason 128 on v3.1.1): a broker-side close of a connection that had been up for less
-  than ``stable_seconds``, for the second time in a row without a stable connection in
-  between, is a takeover. A broker restart closes a long-lived connection (not a takeover)
-  and then refuses connects (not a close), so it never costs a cooldown.
+  than ``stable_seconds``, for the second time in a row (no stable connection and no
+  refused attempt in between), is a takeover. A broker restart closes a long-lived
+  connection (not a takeover) and then refuses connects (which clears the evidence), so
+  restarts do not cost a cooldown.
 
 A cooldown of 0 turns cooldowns off: a takeover then backs off like any other loss.
 The backoff (``backoff_min`` doubling to ``backoff_max``, with jitter) resets only after a
@@ -68,6 +69,9 @@ class ReconnectPolicy:
     def classify(self, end: ConnectionEnd) -> str:
         """The disconnect reason; updates the short-close evidence."""
         if not end.connected:
+            # Refused attempts between two short closes mean the broker was away (a restart),
+            # not that another client holds our ID: that evidence starts over.
+            self.short_closes = 0
             return REFUSED
         if end.uptime >= self.stable_seconds:
             self.failures = 0
