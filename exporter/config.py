@@ -28,11 +28,57 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
 SITE_KEYS = (
     "name", "host", "port", "enabled", "protocol", "username", "password_env",
-    "password_file", "topics", "keepalive", "tls", "ca_file",
+    "password_file", "topics", "keepalive", "tls", "ca_file", "bridge",
 )
 TOP_LEVEL_KEYS = ("sites",)
 SITE_NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 LITERAL_PASSWORD = "literal passwords are not allowed; use password_env or password_file"
+
+# --- bridge (MQTT payloads -> metrics, see exporter/bridge.py) ---
+BRIDGE_KEYS = (
+    "prefix", "max_series", "expire_after", "ignore", "states", "topic_labels", "topic_label",
+    "mappings", "max_payload_bytes", "max_depth",
+)
+MAPPING_KEYS = ("topic", "path", "metric", "type", "scale", "help")
+#: State strings understood by default (matched case-insensitively, surrounding spaces ignored).
+DEFAULT_STATES: dict[str, float] = {
+    "on": 1, "off": 0, "true": 1, "false": 0, "yes": 1, "no": 0,
+    "online": 1, "offline": 0, "open": 1, "closed": 0,
+}
+BRIDGE_PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]*")
+BRIDGE_METRIC_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+#: Families the exporter owns; bridged names never start with these (see bridge.bridged_name).
+RESERVED_METRIC_PREFIXES = ("mqtt_site_", "mqtt_exporter_", "mqtt_bridge_", "process_", "python_")
+RESERVED_LABELS = ("site", "topic", "le", "quantile")
+
+
+@dataclass(frozen=True)
+class BridgeMapping:
+    """One explicit mapping: the value at ``path`` of payloads on ``topic`` -> ``metric``."""
+
+    topic: str
+    path: tuple[str, ...] = ()  # () = the whole (scalar) payload
+    metric: str = ""
+    type: str = "gauge"  # or "counter"
+    scale: float = 1.0
+    help: str | None = None
+
+
+@dataclass(frozen=True)
+class BridgeConfig:
+    """A site's ``bridge:`` block; ``SiteConfig.bridge`` is None when the bridge is off."""
+
+    prefix: str = "mqtt_"
+    max_series: int = 10_000
+    expire_after: float = 600.0
+    ignore: tuple[str, ...] = ()
+    states: tuple[tuple[str, float], ...] = ()  # merged over DEFAULT_STATES
+    topic_labels: tuple[str, ...] = ()
+    topic_label: bool = True
+    mappings: tuple[BridgeMapping, ...] = ()
+    max_payload_bytes: int = 65536
+    max_depth: int = 8
 
 
 class Secret:
@@ -74,6 +120,7 @@ class SiteConfig:
     keepalive: int = 60
     tls: bool = False
     ca_file: str | None = None
+    bridge: BridgeConfig | None = None
 
     def client_id(self, instance_id: str) -> str:
         return f"{self.name}_i{instance_id}"
@@ -106,6 +153,7 @@ class Settings:
     backoff_max_seconds: float = 60.0
     stable_seconds: float = 10.0
     connect_timeout: float = 10.0
+    bridge_max_series: int = 100_000
     sites: tuple[SiteConfig, ...] = ()
 
 
@@ -193,6 +241,8 @@ def _read_environment(env: _SourceEnv, errors: list[str]) -> dict[str, Any]:
         backoff_max_seconds=env.float("MQTT_BACKOFF_MAX_SECONDS", 60.0, validate=positive),
         stable_seconds=env.float("MQTT_STABLE_SECONDS", 10.0, validate=positive),
         connect_timeout=env.float("MQTT_CONNECT_TIMEOUT", 10.0, validate=positive),
+        bridge_max_series=env.int("MQTT_BRIDGE_MAX_SERIES", 100_000,
+                                  validate=ma.validate.Range(min=1)),
     )
     try:
         env.seal()
@@ -380,13 +430,192 @@ def _parse_site(
         except OSError as exc:
             fail("ca_file", f"cannot read {ca_file!r}: {exc.strerror or type(exc).__name__}")
 
+    bridge = _parse_bridge(raw["bridge"], fail) if "bridge" in raw else None
+
     if len(errors) > first_error:
         return None
     return SiteConfig(
         name=name, host=host, port=port, enabled=enabled, protocol=protocol,
         username=username, password=password, password_source=password_source,
         topics=tuple(topics or [f"{name}/#"]), keepalive=keepalive, tls=tls, ca_file=ca_file,
+        bridge=bridge,
     )
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and value == value and abs(value) != float("inf")
+
+
+def _parse_mapping(raw: Any, key: str, fail: Callable[[str, str], None]) -> BridgeMapping | None:
+    if not isinstance(raw, dict):
+        fail(key, f"expected mapping, got {_type_name(raw)}")
+        return None
+    ok = True
+
+    def bad(sub: str, message: str) -> None:
+        nonlocal ok
+        ok = False
+        fail(f"{key}.{sub}", message)
+
+    for k in raw:
+        if k not in MAPPING_KEYS:
+            bad(str(k), _unknown_key(k, MAPPING_KEYS))
+    topic = raw.get("topic")
+    if not isinstance(topic, str):
+        bad("topic", "required topic filter" if topic is None else
+            f"expected string, got {_type_name(topic)}")
+    elif problem := _topic_filter_problem(topic):
+        bad("topic", f"invalid topic filter {topic!r}: {problem}")
+    path = raw.get("path", "")
+    if not isinstance(path, str):
+        bad("path", f"expected string, got {_type_name(path)}")
+        path = ""
+    parts = tuple(path.split(".")) if path else ()
+    if any(not p for p in parts):
+        bad("path", f"invalid path {path!r}: empty element (use a.b.c)")
+    kind = raw.get("type", "gauge")
+    if kind not in ("gauge", "counter"):
+        bad("type", f"must be 'gauge' or 'counter', got {kind!r}")
+    metric = raw.get("metric")
+    if not isinstance(metric, str):
+        bad("metric", "required" if metric is None else f"expected string, got {_type_name(metric)}")
+    elif not BRIDGE_METRIC_RE.fullmatch(metric):
+        bad("metric", f"invalid metric name {metric!r}: use [a-zA-Z_][a-zA-Z0-9_]*")
+    elif metric.startswith(RESERVED_METRIC_PREFIXES):
+        bad("metric", f"{metric!r} is in a namespace of the exporter's own metrics "
+            f"({', '.join(p + '*' for p in RESERVED_METRIC_PREFIXES)})")
+    elif kind == "gauge" and metric.endswith(("_total", "_count", "_sum", "_bucket")):
+        bad("metric", f"a gauge must not end in _total, _count, _sum or _bucket: {metric!r}")
+    scale = raw.get("scale", 1.0)
+    if not _is_number(scale):
+        bad("scale", f"expected a finite number, got {_type_name(scale)}")
+    help_text = raw.get("help")
+    if help_text is not None and not isinstance(help_text, str):
+        bad("help", f"expected string, got {_type_name(help_text)}")
+    if not ok:
+        return None
+    return BridgeMapping(topic=topic, path=parts, metric=metric, type=kind, scale=float(scale),
+                         help=help_text)
+
+
+def _parse_bridge(raw: Any, fail: Callable[[str, str], None]) -> BridgeConfig | None:
+    """The ``bridge:`` block: ``true``, ``false`` or a mapping; problems go to ``fail``."""
+    if raw is True:
+        return BridgeConfig()
+    if raw is False or raw is None:
+        return None
+    if not isinstance(raw, dict):
+        fail("bridge", f"expected boolean or mapping, got {_type_name(raw)}")
+        return None
+    values: dict[str, Any] = {}
+    ok = True
+
+    def bad(sub: str, message: str) -> None:
+        nonlocal ok
+        ok = False
+        fail(f"bridge.{sub}", message)
+
+    for key in raw:
+        if key not in BRIDGE_KEYS:
+            bad(str(key), _unknown_key(key, BRIDGE_KEYS))
+
+    prefix = raw.get("prefix", "mqtt_")
+    if not isinstance(prefix, str):
+        bad("prefix", f"expected string, got {_type_name(prefix)}")
+    elif prefix and not BRIDGE_PREFIX_RE.fullmatch(prefix):
+        bad("prefix", f"invalid prefix {prefix!r}: use lowercase [a-z_][a-z0-9_]*")
+    elif any(prefix.startswith(p) for p in RESERVED_METRIC_PREFIXES):
+        bad("prefix", f"{prefix!r} is in a namespace of the exporter's own metrics")
+    else:
+        values["prefix"] = prefix
+
+    for key, high in (("max_series", None), ("max_payload_bytes", None), ("max_depth", 64)):
+        if key not in raw:
+            continue
+        value = raw[key]
+        if type(value) is not int:
+            bad(key, f"expected integer, got {_type_name(value)}")
+        elif value < 1 or (high is not None and value > high):
+            bad(key, f"must be 1..{high}, got {value}" if high else f"must be >= 1, got {value}")
+        else:
+            values[key] = value
+
+    expire = raw.get("expire_after", 600)
+    if not _is_number(expire) or expire <= 0:
+        bad("expire_after", f"expected a number of seconds > 0, got {expire!r}"
+            if _is_number(expire) else f"expected number, got {_type_name(expire)}")
+    else:
+        values["expire_after"] = float(expire)
+
+    topic_label = raw.get("topic_label", True)
+    if not isinstance(topic_label, bool):
+        bad("topic_label", f"expected boolean, got {_type_name(topic_label)}")
+    else:
+        values["topic_label"] = topic_label
+
+    ignore = raw.get("ignore", [])
+    if not isinstance(ignore, list):
+        bad("ignore", f"expected list, got {_type_name(ignore)}")
+    else:
+        for i, f in enumerate(ignore, 1):
+            if not isinstance(f, str):
+                bad("ignore", f"filter #{i}: expected string, got {_type_name(f)}")
+            elif problem := _topic_filter_problem(f):
+                bad("ignore", f"invalid topic filter {f!r}: {problem}")
+        values["ignore"] = tuple(ignore)
+
+    states = raw.get("states", {})
+    if not isinstance(states, dict):
+        bad("states", f"expected mapping of string to number, got {_type_name(states)}")
+    else:
+        pairs = []
+        for k, v in states.items():
+            # YAML reads unquoted ON/off/yes as booleans: accept them as their spelling.
+            text = {True: "true", False: "false"}.get(k, k) if isinstance(k, bool) else k
+            if not isinstance(text, str) or not text.strip():
+                bad("states", f"state {k!r}: expected a non-empty string key")
+            elif not _is_number(v) or isinstance(v, bool):
+                bad("states", f"state {text!r}: expected a finite number, got {_type_name(v)}")
+            else:
+                pairs.append((text.strip().lower(), float(v)))
+        values["states"] = tuple(pairs)
+
+    patterns = raw.get("topic_labels", [])
+    if not isinstance(patterns, list):
+        bad("topic_labels", f"expected list, got {_type_name(patterns)}")
+    else:
+        for i, pattern in enumerate(patterns, 1):
+            if not isinstance(pattern, str) or not pattern:
+                bad("topic_labels", f"pattern #{i}: expected a non-empty string")
+                continue
+            levels = pattern.split("/")
+            names = [lv[1:] for lv in levels if lv.startswith("+") and len(lv) > 1]
+            plain = "/".join("+" if lv.startswith("+") else lv for lv in levels)
+            if problem := _topic_filter_problem(plain):
+                bad("topic_labels", f"invalid pattern {pattern!r}: {problem}")
+            elif not names:
+                bad("topic_labels", f"pattern {pattern!r} captures nothing; write a level "
+                    "as +name to make it the label 'name'")
+            for label in names:
+                if not LABEL_NAME_RE.fullmatch(label) or label.startswith("__"):
+                    bad("topic_labels", f"pattern {pattern!r}: invalid label name {label!r}")
+                elif label in RESERVED_LABELS:
+                    bad("topic_labels", f"pattern {pattern!r}: label name {label!r} is reserved")
+            if len(set(names)) != len(names):
+                bad("topic_labels", f"pattern {pattern!r}: a label name is used twice")
+        values["topic_labels"] = tuple(patterns)
+
+    mappings = raw.get("mappings", [])
+    if not isinstance(mappings, list):
+        bad("mappings", f"expected list, got {_type_name(mappings)}")
+    else:
+        parsed = [_parse_mapping(m, f"bridge.mappings[{i}]", fail)
+                  for i, m in enumerate(mappings, 1)]
+        if any(m is None for m in parsed):
+            ok = False
+        values["mappings"] = tuple(m for m in parsed if m is not None)
+
+    return BridgeConfig(**values) if ok else None
 
 
 def _load_sites(
@@ -484,5 +713,8 @@ def summarize_site(site: SiteConfig, instance_id: str) -> str:
     ]
     if site.ca_file:
         parts.append(f"ca_file={site.ca_file}")
+    if site.bridge is not None:
+        parts.append(f"bridge=on(prefix={site.bridge.prefix or '-'},"
+                     f"max_series={site.bridge.max_series})")
     parts.append("enabled" if site.enabled else "disabled")
     return " ".join(parts)

@@ -6,9 +6,8 @@ import logging
 from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIServer
-from prometheus_client import make_wsgi_app
-
 from .health import health_report
+from .metrics import make_metrics_app
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ def _respond(start_response, status: str, body: bytes, content_type: str, extra=
 
 def make_app(service, registry):
     """WSGI app serving the service's metrics and health."""
-    metrics_app = make_wsgi_app(registry)
+    metrics_app = make_metrics_app(registry)  # prometheus_client's, or the bridge fast path
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO") or "/"

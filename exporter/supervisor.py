@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import gevent
 
+from .bridge import build as build_bridges
 from .connection import SiteConnection, drain_until_closed
 from .state import ShutdownHistory, SystemClock
 
@@ -44,7 +45,10 @@ class Service:
     def __init__(self, settings, clock=None, rng=None):
         self.settings = settings
         self.clock = clock or SystemClock()
-        self.connections = [SiteConnection(site, settings, self.clock, rng)
+        # One store for every bridged site; a site without `bridge:` gets bridge=None.
+        self.bridge_store, bridges = build_bridges(settings, self.clock)
+        self.connections = [SiteConnection(site, settings, self.clock, rng,
+                                           bridge=bridges.get(site.name))
                             for site in settings.sites]
         self.shutdown_history = ShutdownHistory.load(settings.state_dir)
         self.running = False
