@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import kill_offline, shutdown
+from . import bridge, kill_offline, shutdown
 from .common import BenchContext, BenchResult
 
 BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
     "shutdown": shutdown.run,
     "kill_offline": kill_offline.run,
+    "bridge": bridge.run,
 }

@@ -78,6 +78,7 @@ class SiteConnection:
         self.policy = ReconnectPolicy(settings.backoff_min_seconds, settings.backoff_max_seconds,
                                       settings.stable_seconds, settings.cooldown_seconds, rng)
         self.log = logging.LoggerAdapter(log, {"site": site.name})
+        self._status_topic = site.status_topic
         self._farewell = farewell_packets(site.status_topic, site.protocol, settings.lwt_enabled)
         self._greenlet: gevent.Greenlet | None = None
         self._watchers = ()
@@ -147,7 +148,7 @@ class SiteConnection:
 
     def _deliver(self, topic: str, payload: bytes) -> None:
         """Every message on the site's topics: from paho, or from the inbound fast path."""
-        if topic == self.site.status_topic:
+        if topic == self._status_topic:
             return  # our own online/offline echo is not traffic from the site
         self.state.messages_received += 1
         self.state.last_message_at = self.clock.time()
