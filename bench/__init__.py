@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import bridge, kill_offline, shutdown
+from . import bridge, kill_offline, scrape, shutdown
 from .common import BenchContext, BenchResult
 
 BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
     "shutdown": shutdown.run,
     "kill_offline": kill_offline.run,
     "bridge": bridge.run,
+    "scrape": scrape.run,
 }
