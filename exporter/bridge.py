@@ -48,7 +48,7 @@ from prometheus_client.utils import floatToGoString
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from .config import DEFAULT_STATES, BridgeConfig, BridgeMapping
+from .config import DEFAULT_STATES, BridgeConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ _NON_FIELD = re.compile(r"[^a-z0-9]+")
 _JSON_START = frozenset(b"{[")
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _SWEEP_MIN_INTERVAL = 1.0
+_DROPPED = object()  # _load_json's "payload dropped" (JSON null is a valid document)
 
 
 # --- names ----------------------------------------------------------------------------
@@ -458,14 +459,8 @@ class SiteBridge:
             if entry.mappings is not None:
                 self._ingest_mapped(entry, payload, now)
             elif payload[0] in _JSON_START:
-                try:
-                    doc = orjson.loads(payload)
-                except orjson.JSONDecodeError as exc:
-                    self._json_error(payload, exc)
-                    return
-                if (payload.count(b"{") + payload.count(b"[") > self.max_depth
-                        and self._too_deep(doc, 1)):
-                    stats.errors["too_deep"] += 1
+                doc = self._load_json(payload)
+                if doc is _DROPPED:
                     return
                 if type(doc) is dict:
                     found = self._walk(doc.items(), entry, entry.root, now)
@@ -639,18 +634,25 @@ class SiteBridge:
         stats.series += 1
         store.total += 1
 
+    def _load_json(self, payload: bytes):
+        """The parsed document, or ``_DROPPED`` (counted) when invalid or too deep."""
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            self._json_error(payload, exc)
+            return _DROPPED
+        if (payload.count(b"{") + payload.count(b"[") > self.max_depth
+                and self._too_deep(doc, 1)):
+            self.stats.errors["too_deep"] += 1
+            return _DROPPED
+        return doc
+
     def _ingest_mapped(self, entry: _Topic, payload: bytes, now: float) -> None:
         stats = self.stats
         doc = None
         if payload[0] in _JSON_START:
-            try:
-                doc = orjson.loads(payload)
-            except orjson.JSONDecodeError as exc:
-                self._json_error(payload, exc)
-                return
-            if (payload.count(b"{") + payload.count(b"[") > self.max_depth
-                    and self._too_deep(doc, 1)):
-                stats.errors["too_deep"] += 1
+            doc = self._load_json(payload)
+            if doc is _DROPPED:
                 return
         found = 0
         for index, mapping in enumerate(entry.mappings):

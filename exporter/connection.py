@@ -34,6 +34,8 @@ ONLINE, OFFLINE = b"online", b"offline"
 PERSISTENT_SESSION_EXPIRY = 86400
 #: Longest sleep of the I/O loop between keepalive checks.
 MAX_IDLE_WAIT = 5.0
+#: Shortest interval between two of paho's keepalive checks (``loop_misc``) on a busy socket.
+MISC_INTERVAL = 0.25
 _READ, _WRITE = 1, 2
 
 
@@ -211,6 +213,7 @@ class SiteConnection:
         self._watchers = (read_watcher, rw_watcher)
         connack_deadline = self._attempt_started + self.settings.connect_timeout
         idle_wait = min(MAX_IDLE_WAIT, max(0.5, self.site.keepalive / 4))
+        next_misc = 0.0
         try:
             while not self._stopping and self._end is None and client.socket() is not None:
                 if self._connack_ok:
@@ -228,9 +231,13 @@ class SiteConnection:
                     pass
                 if self._stopping:
                     return
-                if (reader.read() or (client.want_write() and client.loop_write())
-                        or client.loop_misc()):
+                if reader.read() or (client.want_write() and client.loop_write()):
                     return
+                now = self.clock.monotonic()
+                if now >= next_misc:  # keepalive bookkeeping: seconds matter, not wake-ups
+                    next_misc = now + MISC_INTERVAL
+                    if client.loop_misc():
+                        return
         finally:
             self._watchers = ()
             read_watcher.close()
