@@ -41,7 +41,7 @@ from .common import (
     cpu_pressure,
     exporter_env,
     harness,
-    listen_port,
+    free_port,
     proc_cpu_ticks,
     site,
     wait_cpu_quiet,
@@ -194,7 +194,7 @@ class Sub:
         self.extra_env = extra_env
 
     def start(self) -> None:
-        self.proc.port = listen_port()
+        self.proc.port = free_port()
         self.proc.env["EXPORTER_LISTEN"] = f"{harness.HOST}:{self.proc.port}"
         self.proc.env.update({k: v.format(port=self.proc.port) for k, v in self.extra_env.items()})
         self.proc.start()

@@ -13,7 +13,6 @@ import signal
 import statistics
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -241,35 +240,8 @@ def wait_live_statuses(watcher: StatusWatcher, topics: list[str], payload: str, 
 
 def retained_snapshot(broker: Broker, topic_filter: str = STATUS_FILTER,
                       timeout: float = 10.0) -> dict[str, str]:
-    """{topic: payload} of every retained message matching ``topic_filter``, read by a fresh
-    client (same marker-SUBSCRIBE trick as ``harness.retained``: the SUBACK of a second
-    SUBSCRIBE arrives after every retained message queued for the first one)."""
-    got: dict[str, str] = {}
-    acks: list[int] = []
-    marker = f"bench/{uuid.uuid4().hex}"
-    c = mqtt_client(broker, client_id=f"bench-ret-{uuid.uuid4().hex[:8]}")
-
-    def on_connect(client, userdata, flags, reason_code, properties):
-        client.subscribe(topic_filter, qos=0)
-
-    def on_subscribe(client, userdata, mid, reason_codes, properties):
-        acks.append(mid)
-        if len(acks) == 1:
-            client.subscribe(marker, qos=0)
-
-    def on_message(client, userdata, msg):
-        if msg.retain:
-            got[msg.topic] = msg.payload.decode("utf-8", "replace")
-
-    c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
-    c.connect(broker.host, broker.port, keepalive=30)
-    c.loop_start()
-    try:
-        wait_until(lambda: len(acks) >= 2, timeout, message=f"retained snapshot of {topic_filter}")
-    finally:
-        c.disconnect()
-        c.loop_stop()
-    return got
+    """{topic: payload} of every retained message matching ``topic_filter``."""
+    return harness.retained_all(broker, topic_filter, timeout)
 
 
 def cpu_pressure() -> float | None:
@@ -282,39 +254,9 @@ def cpu_pressure() -> float | None:
         return None
 
 
-def _ephemeral_low() -> int:
-    try:
-        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def listen_port(attempts: int = 50) -> int:
-    """A free port on 127.0.0.1 *below* the ephemeral range.
-
-    ``free_port()`` returns an ephemeral port; with thousands of client connections being
-    opened and closed (ours and other processes'), such a port is soon some connection's
-    source port again, and the exporter then fails with "Address already in use".
-    """
-    import random
-    import socket
-
-    high = _ephemeral_low()
-    low = max(1024, high - 12000)
-    for _ in range(attempts):
-        port = random.randrange(low, high)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((harness.HOST, port))
-            except OSError:
-                continue
-            return port
-    return free_port()
-
-
 def fresh_listen_port(exp: ExporterProcess) -> None:
     """Give ``exp`` a new EXPORTER_LISTEN port before (re)starting it."""
-    exp.port = listen_port()
+    exp.port = free_port()
     exp.env["EXPORTER_LISTEN"] = f"{harness.HOST}:{exp.port}"
 
 

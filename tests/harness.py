@@ -553,20 +553,21 @@ class StatusWatcher:
             self._client.loop_stop()
 
 
-def retained(broker: Broker, topic: str, timeout: float = 2.0) -> str | None:
-    """The retained payload of ``topic`` (None if nothing is retained), read by a fresh client.
+def retained_all(broker: Broker, topic_filter: str, timeout: float = 2.0) -> dict[str, str]:
+    """``{topic: payload}`` of every retained message matching ``topic_filter``, read by a
+    fresh client.
 
     Mosquitto queues retained messages right after the SUBACK of the SUBSCRIBE that matched
     them; a second SUBSCRIBE's SUBACK comes after them on the same connection, so when it
-    arrives we know whether a retained message exists.
+    arrives every retained message has been seen.
     """
-    got: list[str] = []
+    got: dict[str, str] = {}
     acks: list[int] = []
     marker = f"harness/{uuid.uuid4().hex}"
     c = mqtt_client(broker, client_id=f"harness-ret-{uuid.uuid4().hex[:8]}")
 
     def on_connect(client, userdata, flags, reason_code, properties):
-        client.subscribe(topic, qos=0)
+        client.subscribe(topic_filter, qos=0)
 
     def on_subscribe(client, userdata, mid, reason_codes, properties):
         acks.append(mid)
@@ -574,18 +575,23 @@ def retained(broker: Broker, topic: str, timeout: float = 2.0) -> str | None:
             client.subscribe(marker, qos=0)
 
     def on_message(client, userdata, msg):
-        if msg.topic == topic and msg.retain:
-            got.append(msg.payload.decode("utf-8", "replace"))
+        if msg.retain:
+            got[msg.topic] = msg.payload.decode("utf-8", "replace")
 
     c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
     c.connect(broker.host, broker.port, keepalive=10)
     c.loop_start()
     try:
-        wait_until(lambda: len(acks) >= 2, timeout, message=f"retained read of {topic}")
+        wait_until(lambda: len(acks) >= 2, timeout, message=f"retained read of {topic_filter}")
     finally:
         c.disconnect()
         c.loop_stop()
-    return got[0] if got else None
+    return got
+
+
+def retained(broker: Broker, topic: str, timeout: float = 2.0) -> str | None:
+    """The retained payload of ``topic`` (None if nothing is retained)."""
+    return retained_all(broker, topic, timeout).get(topic)
 
 
 # --------------------------------------------------------------------------- exporter process
