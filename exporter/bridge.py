@@ -352,18 +352,13 @@ class BridgeStore:
 
 class BridgeCollector:
     """prometheus_client collector over a :class:`BridgeStore` (fresh families per scrape).
-
-    ``enabled`` False makes it yield nothing: the ``/metrics`` fast path
-    (:func:`exporter.metrics.make_metrics_app`) renders the registry's other collectors with
-    prometheus_client and appends :meth:`BridgeStore.render_text`.
-    """
+    ``/metrics`` uses :meth:`BridgeStore.render_text` instead, which gives the same text."""
 
     def __init__(self, store: BridgeStore):
         self.store = store
-        self.enabled = True
 
     def collect(self):
-        return iter(self.store.collect() if self.enabled else ())
+        return iter(self.store.collect())
 
 
 # --- per site -------------------------------------------------------------------------

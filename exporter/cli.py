@@ -57,13 +57,13 @@ def cmd_run(args) -> int:
     settings = _load_settings_or_exit()
     from .http import make_app, make_server
     from .logs import configure_logging
-    from .metrics import build_registry
+    from .metrics import process_registry
     from .supervisor import Service
 
     configure_logging(settings.log_level, settings.log_format)
     service = Service(settings)
     server = make_server(settings.listen_host, settings.listen_port,
-                         make_app(service, build_registry(service)))
+                         make_app(service, process_registry()))
     try:
         server.start()
     except OSError as exc:

@@ -28,8 +28,9 @@ def _respond(start_response, status: str, body: bytes, content_type: str, extra=
 
 
 def make_app(service, registry):
-    """WSGI app serving the service's metrics and health."""
-    metrics_app = make_metrics_app(registry)  # prometheus_client's, or the bridge fast path
+    """WSGI app serving the service's metrics and health; ``registry`` holds the collectors
+    served after the service's own families (the process collector)."""
+    metrics_app = make_metrics_app(service, registry)
 
     def app(environ, start_response):
         path = environ.get("PATH_INFO") or "/"

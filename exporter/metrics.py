@@ -1,15 +1,19 @@
 """Prometheus exposition of the service's state, built fresh at every scrape.
 
-A custom collector reads :class:`~exporter.state.SiteState` objects (it never writes
-them), so there is no second copy of the state to keep in sync and no global registry:
-:func:`build_registry` returns a new ``CollectorRegistry`` per service.
+The families are read from :class:`~exporter.state.SiteState` objects (never written here),
+so there is no second copy of the state to keep in sync, and no global registry.
+``/metrics`` (:func:`make_metrics_app`) renders the service's and the bridge's families
+straight to text, because a scrape blocks every connection while it runs;
+:func:`build_registry` gives the same families as prometheus_client collectors, and a test
+keeps the two byte-identical.
 """
 from __future__ import annotations
 
 import gzip
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector,
-                               generate_latest, make_wsgi_app)
+                               generate_latest)
+from prometheus_client.utils import floatToGoString
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, InfoMetricFamily)
 
@@ -18,8 +22,48 @@ from .bridge import BridgeCollector
 from .state import DISCONNECT_REASONS, SITE_STATES
 
 
-def _histogram(family: HistogramMetricFamily, labels, data) -> None:
-    family.add_metric(labels, data.cumulative(), data.sum)
+#: Every family of the service: (exposed name, type, HELP), in exposition order. Counters
+#: are named with ``_total`` and info metrics with ``_info`` as they appear on /metrics.
+FAMILIES = (
+    ("mqtt_site_up", "gauge", "1 while the site's MQTT connection is established."),
+    ("mqtt_site_state", "gauge",
+     "Connection state of the site: 1 for the current state, 0 otherwise."),
+    ("mqtt_site_info", "info", "Static facts about the site's connection."),
+    ("mqtt_site_connects_total", "counter", "Successful CONNACKs."),
+    ("mqtt_site_disconnects_total", "counter",
+     "Connections ended, and connect attempts failed (reason=refused), by reason."),
+    ("mqtt_site_reconnect_attempts_total", "counter", "Connect attempts after the first."),
+    ("mqtt_site_cooldown_active", "gauge",
+     "1 while the site pauses reconnects after a takeover (duplicate client ID)."),
+    ("mqtt_site_cooldown_remaining_seconds", "gauge",
+     "Seconds left in the current cooldown, 0 outside cooldown."),
+    ("mqtt_site_cooldowns_total", "counter", "Cooldowns entered."),
+    ("mqtt_site_messages_received_total", "counter", "Messages received on the site's topics."),
+    ("mqtt_site_last_message_timestamp_seconds", "gauge",
+     "Unix time of the last message on the site's topics, 0 before the first."),
+    ("mqtt_site_connect_duration_seconds", "histogram",
+     "Time from the start of a connect attempt to a successful CONNACK."),
+    ("mqtt_exporter_shutdown_duration_seconds", "histogram",
+     "Duration of earlier shutdowns, signal to last connection closed "
+     "(persisted in the state dir, loaded at start)."),
+    ("mqtt_exporter_last_shutdown_timed_out", "gauge",
+     "1 if the last shutdown hit MQTT_SHUTDOWN_TIMEOUT."),
+    ("mqtt_exporter_build_info", "info", "Version and instance of this exporter."),
+)
+_FAMILY_CLASSES = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
+                   "info": InfoMetricFamily, "histogram": HistogramMetricFamily}
+
+
+def _family(index: int, labels=()):
+    name, kind, help_text = FAMILIES[index]
+    base = name.removesuffix("_total") if kind == "counter" else name
+    base = base.removesuffix("_info") if kind == "info" else base
+    return _FAMILY_CLASSES[kind](base, help_text, labels=list(labels))
+
+
+def _header(index: int) -> str:
+    name, kind, help_text = FAMILIES[index]
+    return f"# HELP {name} {help_text}\n# TYPE {name} {'gauge' if kind == 'info' else kind}\n"
 
 
 class ServiceCollector:
@@ -31,41 +75,15 @@ class ServiceCollector:
     def collect(self):
         service = self.service
         now = service.clock.monotonic()
-        states = service.site_states
         site = ["site"]
-        up = GaugeMetricFamily("mqtt_site_up", "1 while the site's MQTT connection is established.",
-                               labels=site)
-        state = GaugeMetricFamily(
-            "mqtt_site_state", "Connection state of the site: 1 for the current state, 0 otherwise.",
-            labels=["site", "state"])
-        info = InfoMetricFamily("mqtt_site", "Static facts about the site's connection.",
-                                labels=["site", "client_id", "broker", "protocol"])
-        connects = CounterMetricFamily("mqtt_site_connects", "Successful CONNACKs.", labels=site)
-        disconnects = CounterMetricFamily(
-            "mqtt_site_disconnects",
-            "Connections ended, and connect attempts failed (reason=refused), by reason.",
-            labels=["site", "reason"])
-        attempts = CounterMetricFamily("mqtt_site_reconnect_attempts",
-                                       "Connect attempts after the first.", labels=site)
-        cooldown_active = GaugeMetricFamily(
-            "mqtt_site_cooldown_active",
-            "1 while the site pauses reconnects after a takeover (duplicate client ID).",
-            labels=site)
-        cooldown_remaining = GaugeMetricFamily(
-            "mqtt_site_cooldown_remaining_seconds",
-            "Seconds left in the current cooldown, 0 outside cooldown.", labels=site)
-        cooldowns = CounterMetricFamily("mqtt_site_cooldowns", "Cooldowns entered.", labels=site)
-        messages = CounterMetricFamily("mqtt_site_messages_received",
-                                       "Messages received on the site's topics.", labels=site)
-        last_message = GaugeMetricFamily(
-            "mqtt_site_last_message_timestamp_seconds",
-            "Unix time of the last message on the site's topics, 0 before the first.",
-            labels=site)
-        connect_duration = HistogramMetricFamily(
-            "mqtt_site_connect_duration_seconds",
-            "Time from the start of a connect attempt to a successful CONNACK.", labels=site)
-
-        for st in states:
+        (up, state, info, connects, disconnects, attempts, cooldown_active, cooldown_remaining,
+         cooldowns, messages, last_message, connect_duration) = (
+            _family(0, site), _family(1, ["site", "state"]),
+            _family(2, ["site", "client_id", "broker", "protocol"]), _family(3, site),
+            _family(4, ["site", "reason"]), _family(5, site), _family(6, site),
+            _family(7, site), _family(8, site), _family(9, site), _family(10, site),
+            _family(11, site))
+        for st in service.site_states:
             name = [st.name]
             up.add_metric(name, 1.0 if st.connected else 0.0)
             for s in SITE_STATES:
@@ -75,65 +93,141 @@ class ServiceCollector:
             for reason in DISCONNECT_REASONS:
                 disconnects.add_metric([st.name, reason], st.disconnects[reason])
             attempts.add_metric(name, st.reconnect_attempts)
-            remaining = st.cooldown_remaining(now)
             cooldown_active.add_metric(name, 1.0 if st.state == "cooldown" else 0.0)
-            cooldown_remaining.add_metric(name, remaining)
+            cooldown_remaining.add_metric(name, st.cooldown_remaining(now))
             cooldowns.add_metric(name, st.cooldowns)
             messages.add_metric(name, st.messages_received)
             last_message.add_metric(name, st.last_message_at or 0.0)
-            _histogram(connect_duration, name, st.connect_duration)
-
+            hist = st.connect_duration
+            connect_duration.add_metric(name, hist.cumulative(), hist.sum)
         history = service.shutdown_history
-        shutdown = HistogramMetricFamily(
-            "mqtt_exporter_shutdown_duration_seconds",
-            "Duration of earlier shutdowns, signal to last connection closed "
-            "(persisted in the state dir, loaded at start).")
-        _histogram(shutdown, [], history.histogram)
-        timed_out = GaugeMetricFamily(
-            "mqtt_exporter_last_shutdown_timed_out",
-            "1 if the last shutdown hit MQTT_SHUTDOWN_TIMEOUT.",
-            value=1.0 if history.last_timed_out else 0.0)
-        build = InfoMetricFamily("mqtt_exporter_build", "Version and instance of this exporter.",
-                                 value={"version": __version__,
-                                        "instance_id": service.instance_id})
+        shutdown = _family(12)
+        shutdown.add_metric([], history.histogram.cumulative(), history.histogram.sum)
+        timed_out = _family(13)
+        timed_out.add_metric([], 1.0 if history.last_timed_out else 0.0)
+        build = _family(14)
+        build.add_metric([], {"version": __version__, "instance_id": service.instance_id})
         yield from (up, state, info, connects, disconnects, attempts, cooldown_active,
                     cooldown_remaining, cooldowns, messages, last_message, connect_duration,
                     shutdown, timed_out, build)
 
 
 def build_registry(service) -> CollectorRegistry:
-    """A fresh registry with the service's collector, the bridge's (when a site has
-    `bridge:`) and the process collector."""
+    """Every family of one service in a fresh prometheus_client registry: the service's
+    collector, the bridge's (when a site has `bridge:`) and the process collector.
+
+    ``/metrics`` serves the same text faster (:func:`make_metrics_app`); this registry is the
+    prometheus_client view of it (``get_sample_value`` in tests, embedding in other apps).
+    """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(service))
     store = getattr(service, "bridge_store", None)
     if store is not None:  # only when a site has `bridge:`
-        registry.bridge_collector = BridgeCollector(store)
-        registry.register(registry.bridge_collector)
+        registry.register(BridgeCollector(store))
     ProcessCollector(registry=registry)
     return registry
 
 
-def make_metrics_app(registry: CollectorRegistry):
-    """The WSGI app for ``/metrics``.
+def render_service_text(service) -> str:
+    """:class:`ServiceCollector`'s families in the text format 0.0.4, byte for byte what
+    ``generate_latest`` makes of them, written straight from the site states: about 5x
+    faster at 1000 sites (34 k series), and the scrape blocks every connection meanwhile."""
+    states = service.site_states
+    now = service.clock.monotonic()
+    out = []
+    add = out.append
+    names = [f'site="{_escape(st.name)}"' for st in states]
+    for index, kind in enumerate(_SITE_KINDS):
+        name = FAMILIES[index][0]
+        add(_header(index))
+        if kind == "up":
+            for st, site in zip(states, names):
+                add(f"{name}{{{site}}} {'1.0' if st.state == 'connected' else '0.0'}\n")
+        elif kind == "state":
+            for st, site in zip(states, names):
+                for state in SITE_STATES:
+                    add(f'{name}{{{site},state="{state}"}} '
+                        f"{'1.0' if st.state == state else '0.0'}\n")
+        elif kind == "info":
+            for st, site in zip(states, names):
+                add(f'{name}{{broker="{_escape(st.broker)}",client_id="{_escape(st.client_id)}",'
+                    f'protocol="{_escape(st.protocol)}",{site}}} 1.0\n')
+        elif kind == "disconnects":
+            for st, site in zip(states, names):
+                for reason in DISCONNECT_REASONS:
+                    add(f'{name}{{reason="{reason}",{site}}} {_num(st.disconnects[reason])}\n')
+        elif kind == "histogram":
+            for st, site in zip(states, names):
+                _render_histogram(add, name, site, st.connect_duration)
+        else:
+            value = _SITE_VALUES[kind]
+            for st, site in zip(states, names):
+                add(f"{name}{{{site}}} {_num(value(st, now))}\n")
+    history = service.shutdown_history
+    add(_header(12))
+    _render_histogram(add, FAMILIES[12][0], "", history.histogram)
+    add(f"{_header(13)}{FAMILIES[13][0]} {'1.0' if history.last_timed_out else '0.0'}\n")
+    add(f'{_header(14)}{FAMILIES[14][0]}{{instance_id="{_escape(service.instance_id)}",'
+        f'version="{_escape(__version__)}"}} 1.0\n')
+    return "".join(out)
 
-    Without bridged sites this is prometheus_client's ``make_wsgi_app``. With them, the
-    bridge's families (up to 100 k series) are rendered by ``BridgeStore.render_text`` in the
-    text format 0.0.4, about 6x faster than ``generate_latest`` (and 8x than OpenMetrics),
-    and gzipped at level 1 when the client accepts it (level 9 costs 6x more for 3 % less).
-    The whole response is built without yielding to the hub, so it is one consistent view.
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
+
+
+def _num(value) -> str:
+    """floatToGoString's spelling, with a shortcut for the common small integers."""
+    if type(value) is int and 0 <= value < 1_000_000:
+        return f"{value}.0"
+    return floatToGoString(value)
+
+
+def _render_histogram(add, name: str, site: str, data) -> None:
+    sep = "," if site else ""
+    for le, count in data.cumulative():
+        add(f'{name}_bucket{{le="{le}"{sep}{site}}} {_num(count)}\n')
+    labels = f"{{{site}}}" if site else ""
+    add(f"{name}_count{labels} {_num(data.count)}\n{name}_sum{labels} {_num(data.sum)}\n")
+
+
+#: The per-site families in ServiceCollector's order, and how to read each simple value.
+_SITE_KINDS = ("up", "state", "info", "connects", "disconnects", "attempts", "cooldown_active",
+               "cooldown_remaining", "cooldowns", "messages", "last_message", "histogram")
+_SITE_VALUES = {
+    "connects": lambda st, now: st.connects,
+    "attempts": lambda st, now: st.reconnect_attempts,
+    "cooldown_active": lambda st, now: 1.0 if st.state == "cooldown" else 0.0,
+    "cooldown_remaining": lambda st, now: st.cooldown_remaining(now),
+    "cooldowns": lambda st, now: st.cooldowns,
+    "messages": lambda st, now: st.messages_received,
+    "last_message": lambda st, now: st.last_message_at or 0.0,
+}
+
+
+def process_registry() -> CollectorRegistry:
+    """A fresh registry with only the process collector: what ``/metrics`` adds to the
+    families it renders itself."""
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def make_metrics_app(service, registry: CollectorRegistry):
+    """The WSGI app for ``/metrics``: the service's families (:func:`render_service_text`), the
+    bridge's (``BridgeStore.render_text``, 100 k series in ~0.1 s where ``generate_latest``
+    needs ~0.6 s) and whatever ``registry`` holds (the process collector) via
+    ``generate_latest``; text format 0.0.4, gzipped at level 1 when the client accepts it
+    (level 9 costs 6x more for 3 % less). The body is built without yielding to the hub, so
+    it is one consistent view.
     """
-    collector = getattr(registry, "bridge_collector", None)
-    if collector is None:
-        return make_wsgi_app(registry)
+    store = getattr(service, "bridge_store", None)
 
     def app(environ, start_response):
-        collector.enabled = False
-        try:
-            head = generate_latest(registry)
-        finally:
-            collector.enabled = True
-        body = head + collector.store.render_text().encode()
+        body = render_service_text(service)
+        if store is not None:
+            body += store.render_text()
+        body = body.encode() + generate_latest(registry)
         headers = [("Content-Type", CONTENT_TYPE_LATEST)]
         if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
             body = gzip.compress(body, compresslevel=1)

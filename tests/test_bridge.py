@@ -482,7 +482,7 @@ def test_service_wires_bridge_only_for_bridged_sites(tmp_path):
     plain = Service(load_settings({"MQTT_INSTANCE_ID": "t", "MQTT_STATE_DIR": str(tmp_path / "st")},
                                   cwd=str(tmp_path)))
     assert plain.bridge_store is None
-    assert not hasattr(build_registry(plain), "bridge_collector")
+    assert build_registry(plain).get_sample_value("mqtt_bridge_series", {"site": "b"}) is None
 
 
 def test_example_bridge_file_is_valid():
