@@ -391,10 +391,6 @@ class _Topic:
         self.mapped: dict = {}  # mapping index -> series
 
 
-class _TooDeep(Exception):
-    pass
-
-
 class _Ignored:
     __slots__ = ()
 
@@ -415,7 +411,6 @@ class SiteBridge:
         self.max_payload = config.max_payload_bytes
         self.max_depth = config.max_depth
         self.stats = store.sites[name] = SiteStats(name, config.max_series)
-        self._clock = store.clock
         self._monotonic = store.clock.monotonic
         self._ignore = [_split(f) for f in (status_topic, "$SYS/#", *config.ignore)]
         self._patterns = [_split(p) for p in config.topic_labels]
@@ -495,9 +490,13 @@ class SiteBridge:
                 v = 1 if v else 0
             elif t is dict or t is list:
                 kid = node.kids.get(k)
-                if kid is None:
-                    kid = node.kids[k] = _Node(node.path + (k,))
-                found += self._walk(v.items() if t is dict else enumerate(v), entry, kid, now)
+                if kid is None:  # kept only if a series was created under it (cap!)
+                    kid = _Node(node.path + (k,))
+                    found += self._walk(v.items() if t is dict else enumerate(v), entry, kid, now)
+                    if kid.leaves or kid.kids:
+                        node.kids[k] = kid
+                else:
+                    found += self._walk(v.items() if t is dict else enumerate(v), entry, kid, now)
                 continue
             elif t is str:
                 state = self._states_str.get(v)
@@ -558,7 +557,8 @@ class SiteBridge:
         if reason is None:
             if "depth limit" in message or "recursion" in message:
                 reason = "too_deep"
-            elif "infinity" in message or "NaN" in message:
+            elif ("infinity" in message or "NaN" in message
+                  or b"NaN" in payload or b"Infinity" in payload):  # orjson rejects the literals
                 reason = "non_finite"
             else:
                 reason = "invalid_json"

@@ -134,8 +134,13 @@ def cmd_status(args) -> int:
     except (URLError, OSError) as exc:
         print(f"{PROG}: cannot reach {url}: {exc}", file=sys.stderr)
         return 3
-    report = json.loads(body)
-    print(format_status_table(report))
+    try:
+        report = json.loads(body)
+        table = format_status_table(report)
+    except (ValueError, KeyError, TypeError) as exc:
+        print(f"{PROG}: {url} did not answer with a health report: {exc}", file=sys.stderr)
+        return 3
+    print(table)
     return 0 if report.get("status") == "healthy" else 1
 
 

@@ -15,6 +15,7 @@ import ipaddress
 import os
 import re
 import socket
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -425,10 +426,13 @@ def _parse_site(
     if ca_file is not None:
         if tls is not True:
             fail("ca_file", "only allowed with tls: true")
-        try:
-            open(ca_file, "rb").close()
-        except OSError as exc:
-            fail("ca_file", f"cannot read {ca_file!r}: {exc.strerror or type(exc).__name__}")
+        else:
+            try:  # what paho's tls_set does at start: check-config catches a bad bundle
+                ssl.create_default_context().load_verify_locations(cafile=ca_file)
+            except ssl.SSLError:
+                fail("ca_file", f"{ca_file!r} holds no valid PEM certificate")
+            except OSError as exc:
+                fail("ca_file", f"cannot read {ca_file!r}: {exc.strerror or type(exc).__name__}")
 
     bridge = _parse_bridge(raw["bridge"], fail) if "bridge" in raw else None
 

@@ -100,6 +100,7 @@ class SiteConnection:
                              reconnect_on_failure=False, **kwargs)
         client.connect_timeout = settings.connect_timeout
         client.max_queued_messages_set(16)
+        client.suppress_exceptions = True  # a callback error drops one message, not the link
         if site.username:
             client.username_pw_set(site.username,
                                    site.password.reveal() if site.password else None)
@@ -110,6 +111,7 @@ class SiteConnection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def start(self) -> None:
@@ -138,12 +140,22 @@ class SiteConnection:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         if self._end is not None:  # paho may report one loss twice (paho.mqtt.python#870)
             return
+        self._end = self._ended_now(reason_code.value, flags.is_disconnect_packet_from_server)
+
+    def _ended_now(self, reason_code: int | None = None, from_server: bool = False):
         uptime = 0.0
         if self._connack_ok and self.state.connected_at_monotonic is not None:
             uptime = self.clock.monotonic() - self.state.connected_at_monotonic
-        self._end = ConnectionEnd(connected=self._connack_ok, uptime=uptime,
-                                  reason_code=reason_code.value,
-                                  from_server=flags.is_disconnect_packet_from_server)
+        return ConnectionEnd(connected=self._connack_ok, uptime=uptime,
+                             reason_code=reason_code, from_server=from_server)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:  # e.g. an ACL: connected, but nothing will ever arrive
+            self.state.subscriptions_refused += len(refused)
+            self.log.warning("Broker %s refused %d of the subscriptions %s: %s",
+                             self.site.broker, len(refused), list(self.site.topics),
+                             ", ".join(refused))
 
     def _on_message(self, client, userdata, message):
         self._deliver(message.topic, message.payload)
@@ -164,7 +176,12 @@ class SiteConnection:
             if not first:
                 self.state.reconnect_attempts += 1
             first = False
-            end = self._attempt()
+            try:
+                end = self._attempt()
+            except Exception:  # a bug must cost one connection, never the site's loop
+                self.log.exception("Unexpected error on the connection to %s", self.site.broker)
+                self._close_socket()
+                end = self._end or self._ended_now()
             if self._stopping:
                 return
             decision = self.policy.next(end)
@@ -201,7 +218,7 @@ class SiteConnection:
             return ConnectionEnd(connected=False)
         self._serve(client)
         self._close_socket()
-        return self._end or ConnectionEnd(connected=self._connack_ok)
+        return self._end or self._ended_now()
 
     def _serve(self, client: mqtt.Client) -> None:
         sock = client.socket()

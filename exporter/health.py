@@ -33,6 +33,7 @@ def site_report(st, now_monotonic: float) -> dict:
         "reconnects": st.reconnect_attempts,
         "cooldowns": st.cooldowns,
         "cooldown_remaining_s": round(st.cooldown_remaining(now_monotonic), 3),
+        "subscriptions_refused": st.subscriptions_refused,
         "messages_received": st.messages_received,
         "last_message_at": st.last_message_at,
     }

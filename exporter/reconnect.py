@@ -82,8 +82,8 @@ class ReconnectPolicy:
             return TAKEOVER
         if code == KEEP_ALIVE_TIMEOUT:
             return KEEPALIVE_TIMEOUT
-        if end.from_server and (code or 0) < 0x80:
-            return NORMAL
+        if end.from_server:  # the broker said why: only 0x8E (above) is a takeover
+            return NORMAL if (code or 0) < 0x80 else CONNECTION_LOST
         if end.uptime < self.stable_seconds:
             self.short_closes += 1
             if self.short_closes >= SHORT_CLOSES_FOR_TAKEOVER:

@@ -80,6 +80,7 @@ class Service:
         # A full collection triggered by the spawns below costs 20-150 ms and frees nothing.
         gc_was_enabled = gc.isenabled()
         gc.disable()
+        drains, pending = [], []
         try:
             for conn in self.connections:
                 conn.stop()
@@ -87,7 +88,8 @@ class Service:
             drains = [gevent.spawn(drain_until_closed, s) for s in sockets]
             gevent.joinall(drains, timeout=max(0.0, deadline - clock.monotonic()))
             pending = [d for d in drains if not d.dead]
-            gevent.killall(pending, block=False)  # their sockets close as they die
+            gevent.killall(pending, block=False)  # in-process their sockets close as they die;
+            # the CLI exits right after, and the kernel closes them
         finally:
             if gc_was_enabled:
                 gc.enable()

@@ -276,7 +276,7 @@ HOSTILE = [
     (b'{"a": "\xff"}', "invalid_utf8"),
     (b'{"a": 1', "invalid_json"),
     (b"[1, 2,]", "invalid_json"),
-    (b'{"a": NaN}', "invalid_json"),
+    (b'{"a": NaN}', "non_finite"),
     (b"x" * 70000, "too_large"),
     (b"[" * 20 + b"1" + b"]" * 20, "too_deep"),
     (b"[" * 5000 + b"]" * 5000, "too_deep"),
@@ -491,3 +491,27 @@ def test_example_bridge_file_is_valid():
     settings_ = load_settings({"MQTT_INSTANCE_ID": "t", "MQTT_SITES_FILE": os.path.abspath(path)})
     bridged = {s.name: s.bridge for s in settings_.sites}
     assert bridged["home"].topic_labels and bridged["meters"].mappings and bridged["site_88"] is None
+
+
+def test_cardinality_attack_with_nested_keys_on_one_topic_is_bounded():
+    """Distinct nested keys on one topic: over the cap nothing is kept, not even the
+    JSON tree positions of the dropped values."""
+    cap = 10
+    tracemalloc.start()
+    try:
+        _, store, b = make(BridgeConfig(max_series=cap))
+        for i in range(50_000):
+            b.ingest("s1/attack", b'{"k%d":{"x":1}}' % i)
+        current, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert store.total == cap
+    assert value(store, "mqtt_bridge_series_dropped_total", site="s1") == 50_000 - cap
+    assert current < 5 * 2**20, f"{current / 2**20:.1f} MiB still held"
+
+
+@pytest.mark.parametrize("payload", [b'{"t":NaN}', b'{"t":Infinity}', b'{"t":-Infinity}'])
+def test_json_nan_and_infinity_literals_are_non_finite(payload):
+    _, store, b = make()
+    b.ingest("s1/x", payload)
+    assert errors(store)["non_finite"] == 1 and errors(store)["invalid_json"] == 0

@@ -66,6 +66,8 @@ BAD_SITES = {
     "password file missing": (
         {**GOOD, "password_file": "/nonexistent/pw"}, "password_file", "cannot read password file"),
     "ca_file without tls": ({**GOOD, "ca_file": "CA_FILE"}, "ca_file", "only allowed with tls"),
+    "ca_file not a certificate": (
+        {**GOOD, "tls": True, "ca_file": "CA_FILE"}, "ca_file", "holds no valid PEM certificate"),
     "ca_file unreadable": (
         {**GOOD, "tls": True, "ca_file": "/nonexistent/ca.pem"}, "ca_file", "cannot read"),
     "hash not last": ({**GOOD, "topics": ["a/#/b"]}, "topics", "'#' must be the whole last level"),

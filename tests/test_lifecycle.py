@@ -241,7 +241,8 @@ def test_sigkill_broker_publishes_offline_for_every_site(broker, exporter_factor
     print(f"\noffline after SIGKILL: {latency_ms:.1f} ms (all {len(names)} sites; "
           f"first-to-last spread {spread_ms:.1f} ms)")
     assert proc.wait_exit(10) == -signal.SIGKILL
-    assert latency_ms < 2000, f"will took {latency_ms:.1f} ms"
+    # Milliseconds on an idle machine (bench: ~2.5 ms); the bound leaves room for a loaded CI.
+    assert latency_ms < 500, f"will took {latency_ms:.1f} ms"
     for n in names:
         assert retained(broker, status_topic(n), timeout=10) == "offline"
     # No graceful goodbye happened: the broker saw the sockets close.

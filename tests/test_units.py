@@ -542,3 +542,12 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(service))
     assert render_service_text(service) == generate_latest(registry).decode()
+
+
+@pytest.mark.parametrize("code", [0x8B, 0x97, 0x98])  # server shutting down, quota, admin
+def test_v5_disconnect_with_another_reason_is_connection_lost_not_evidence(code):
+    p = policy()
+    p.next(short_close())  # one short close of evidence already
+    d = p.next(short_close(code=code, from_server=True))
+    assert d.reason == CONNECTION_LOST and not d.cooldown
+    assert p.short_closes == 1
