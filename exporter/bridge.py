@@ -44,18 +44,16 @@ import re
 from collections.abc import Iterable
 
 import orjson
-from prometheus_client.utils import floatToGoString
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from .config import DEFAULT_STATES, BridgeConfig
+from .config import DEFAULT_STATES, RESERVED_METRIC_PREFIXES, BridgeConfig
+from .textformat import escape_help, escape_label_value, format_value
 
 log = logging.getLogger(__name__)
 
 ERROR_REASONS = ("binary", "invalid_utf8", "invalid_json", "too_large", "too_deep",
                  "non_finite", "no_numeric_value")
-#: Name prefixes of the exporter's own families; a bridged name never starts with one.
-RESERVED_PREFIXES = ("mqtt_site_", "mqtt_exporter_", "mqtt_bridge_", "process_", "python_")
 #: Suffixes promtool reserves for counters, histograms and summaries; a bridged gauge
 #: ending with one gets ``_value`` appended.
 RESERVED_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
@@ -106,14 +104,14 @@ def bridged_name(prefix: str, field: str, kind: str = "gauge") -> str:
     """The metric (family) name of a bridged field: ``prefix + field``, made valid and safe.
 
     - a name that would start with one of the exporter's own namespaces
-      (:data:`RESERVED_PREFIXES`, e.g. ``mqtt_`` + ``site_up``) becomes
+      (:data:`RESERVED_METRIC_PREFIXES`, e.g. ``mqtt_`` + ``site_up``) becomes
       ``<prefix>field_<field>`` (``mqtt_field_site_up``): a collision with ``mqtt_site_*``,
       ``mqtt_exporter_*``, ``mqtt_bridge_*`` or ``process_*`` is impossible;
     - a gauge ending in ``_total``/``_count``/``_sum``/``_bucket`` gets ``_value`` appended;
     - a counter's family name has no ``_total`` (the sample gets it).
     """
     name = sanitize_metric_name(prefix + field)
-    if name.startswith(RESERVED_PREFIXES):
+    if name.startswith(RESERVED_METRIC_PREFIXES):
         name = sanitize_metric_name(f"{prefix}field_{field}")
     if kind == "counter":
         if name.endswith("_total"):
@@ -121,22 +119,6 @@ def bridged_name(prefix: str, field: str, kind: str = "gauge") -> str:
     elif name.endswith(RESERVED_SUFFIXES):
         name += "_value"
     return name
-
-
-def escape_label_value(value: str) -> str:
-    """Text-format label value escaping: backslash, double quote, newline."""
-    return value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", r"\\").replace("\n", r"\n")
-
-
-def _render_value(value) -> str:
-    """Same spelling as prometheus_client's floatToGoString (byte-identical output)."""
-    if type(value) is int and -10**15 < value < 1_000_000:
-        return f"{value}.0"
-    return floatToGoString(value)
 
 
 # --- topic filters --------------------------------------------------------------------
@@ -193,7 +175,7 @@ class _Family:
         self.name, self.kind, self.help = name, kind, help_text
         self.series: dict[str, _Series] = {}  # label text -> series
         sample = name + "_total" if kind == "counter" else name
-        self.header = f"# HELP {sample} {_escape_help(help_text)}\n# TYPE {sample} {kind}\n"
+        self.header = f"# HELP {sample} {escape_help(help_text)}\n# TYPE {sample} {kind}\n"
 
 
 class SiteStats:
@@ -338,15 +320,15 @@ class BridgeStore:
                 if type(v) is float and v < 1e6:
                     append(f"{prefix}{s.text}}} {v!r}\n")
                 else:
-                    append(f"{prefix}{s.text}}} {_render_value(v)}\n")
+                    append(f"{prefix}{s.text}}} {format_value(v)}\n")
         for metric in self._own_families():
             sample = metric.name + "_total" if metric.type == "counter" else metric.name
-            append(f"# HELP {sample} {_escape_help(metric.documentation)}\n"
+            append(f"# HELP {sample} {escape_help(metric.documentation)}\n"
                    f"# TYPE {sample} {metric.type}\n")
             for s in metric.samples:
                 labels = ",".join(f'{k}="{escape_label_value(v)}"'
                                   for k, v in sorted(s.labels.items()))
-                append(f"{s.name}{{{labels}}} {_render_value(s.value)}\n")
+                append(f"{s.name}{{{labels}}} {format_value(s.value)}\n")
         return "".join(out)
 
 

@@ -13,13 +13,13 @@ import gzip
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector,
                                generate_latest)
-from prometheus_client.utils import floatToGoString
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, InfoMetricFamily)
 
 from . import __version__
 from .bridge import BridgeCollector
 from .state import DISCONNECT_REASONS, SITE_STATES
+from .textformat import escape_label_value, format_value
 
 
 #: Every family of the service: (exposed name, type, HELP), in exposition order. Counters
@@ -136,7 +136,7 @@ def render_service_text(service) -> str:
     now = service.clock.monotonic()
     out = []
     add = out.append
-    names = [f'site="{_escape(st.name)}"' for st in states]
+    names = [f'site="{escape_label_value(st.name)}"' for st in states]
     for index, kind in enumerate(_SITE_KINDS):
         name = FAMILIES[index][0]
         add(_header(index))
@@ -150,45 +150,34 @@ def render_service_text(service) -> str:
                         f"{'1.0' if st.state == state else '0.0'}\n")
         elif kind == "info":
             for st, site in zip(states, names):
-                add(f'{name}{{broker="{_escape(st.broker)}",client_id="{_escape(st.client_id)}",'
-                    f'protocol="{_escape(st.protocol)}",{site}}} 1.0\n')
+                add(f'{name}{{broker="{escape_label_value(st.broker)}",client_id="{escape_label_value(st.client_id)}",'
+                    f'protocol="{escape_label_value(st.protocol)}",{site}}} 1.0\n')
         elif kind == "disconnects":
             for st, site in zip(states, names):
                 for reason in DISCONNECT_REASONS:
-                    add(f'{name}{{reason="{reason}",{site}}} {_num(st.disconnects[reason])}\n')
+                    add(f'{name}{{reason="{reason}",{site}}} {format_value(st.disconnects[reason])}\n')
         elif kind == "histogram":
             for st, site in zip(states, names):
                 _render_histogram(add, name, site, st.connect_duration)
         else:
             value = _SITE_VALUES[kind]
             for st, site in zip(states, names):
-                add(f"{name}{{{site}}} {_num(value(st, now))}\n")
+                add(f"{name}{{{site}}} {format_value(value(st, now))}\n")
     history = service.shutdown_history
     add(_header(12))
     _render_histogram(add, FAMILIES[12][0], "", history.histogram)
     add(f"{_header(13)}{FAMILIES[13][0]} {'1.0' if history.last_timed_out else '0.0'}\n")
-    add(f'{_header(14)}{FAMILIES[14][0]}{{instance_id="{_escape(service.instance_id)}",'
-        f'version="{_escape(__version__)}"}} 1.0\n')
+    add(f'{_header(14)}{FAMILIES[14][0]}{{instance_id="{escape_label_value(service.instance_id)}",'
+        f'version="{escape_label_value(__version__)}"}} 1.0\n')
     return "".join(out)
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r'\"')
-
-
-def _num(value) -> str:
-    """floatToGoString's spelling, with a shortcut for the common small integers."""
-    if type(value) is int and 0 <= value < 1_000_000:
-        return f"{value}.0"
-    return floatToGoString(value)
 
 
 def _render_histogram(add, name: str, site: str, data) -> None:
     sep = "," if site else ""
     for le, count in data.cumulative():
-        add(f'{name}_bucket{{le="{le}"{sep}{site}}} {_num(count)}\n')
+        add(f'{name}_bucket{{le="{le}"{sep}{site}}} {format_value(count)}\n')
     labels = f"{{{site}}}" if site else ""
-    add(f"{name}_count{labels} {_num(data.count)}\n{name}_sum{labels} {_num(data.sum)}\n")
+    add(f"{name}_count{labels} {format_value(data.count)}\n{name}_sum{labels} {format_value(data.sum)}\n")
 
 
 #: The per-site families in ServiceCollector's order, and how to read each simple value.
