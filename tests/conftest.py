@@ -66,7 +66,7 @@ def broker(broker_factory) -> Broker:
 
 @pytest.fixture
 def fake_v5_factory():
-    """make(kick_after=None, kick_reason=0x8E) -> FakeV5Broker; all closed at teardown."""
+    """make(**FakeV5Broker options) -> FakeV5Broker; all closed at teardown."""
     fakes: list[FakeV5Broker] = []
 
     def make(**kwargs) -> FakeV5Broker:

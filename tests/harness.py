@@ -47,6 +47,7 @@ import resource
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -895,14 +896,25 @@ class FakeV5Broker:
     seconds, every connection then gets DISCONNECT ``kick_reason`` (default 0x8E "Session taken
     over": ``E0 02 8E 00``, v5 only) and is closed. Records ``connections`` [(monotonic, client
     id)], ``connects`` [ConnectInfo], ``published`` [(monotonic, topic, payload, qos, retain)],
-    ``kicks`` [(monotonic, client id)].
+    ``kicks`` [(monotonic, client id)], ``pubacks`` [packet id] sent by the client.
+    ``suback_code`` overrides every SUBACK return code (0x80: refused, as an ACL would),
+    ``after_suback`` is written right after each SUBACK (scripted traffic for the client),
+    and ``reset_on_accept`` resets every connection as soon as the kernel accepted it (a
+    broker dying right after accept), counting them in ``accepted``.
     """
 
     host = HOST
 
-    def __init__(self, kick_after: float | None = None, kick_reason: int = 0x8E):
+    def __init__(self, kick_after: float | None = None, kick_reason: int = 0x8E,
+                 suback_code: int | None = None, after_suback: bytes = b"",
+                 reset_on_accept: bool = False):
         self.kick_after = kick_after
         self.kick_reason = kick_reason
+        self.suback_code = suback_code
+        self.after_suback = after_suback
+        self.reset_on_accept = reset_on_accept
+        self.accepted = 0
+        self.pubacks: list[bytes] = []
         self.connections: list[tuple[float, str]] = []
         self.connects: list[ConnectInfo] = []
         self.published: list[tuple[float, str, bytes, int, bool]] = []
@@ -932,6 +944,11 @@ class FakeV5Broker:
                 continue
             except OSError:
                 return
+            self.accepted += 1
+            if self.reset_on_accept:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.close()
+                continue
             conn.settimeout(0.2)
             with self._lock:
                 self._conns.add(conn)
@@ -1023,10 +1040,11 @@ class FakeV5Broker:
                     codes = bytearray()
                     while i < len(body):
                         _, i = _read_str(body, i)
-                        codes.append(min(body[i] & 0x03, 1))
+                        codes.append(min(body[i] & 0x03, 1) if self.suback_code is None
+                                     else self.suback_code)
                         i += 1
                     payload = pid + (b"\x00" if v5 else b"") + bytes(codes)
-                    send(b"\x90" + _varint(len(payload)) + payload)
+                    send(b"\x90" + _varint(len(payload)) + payload + self.after_suback)
                 elif ptype == 10:  # UNSUBSCRIBE
                     pid, i = body[:2], 2
                     if v5:
@@ -1054,6 +1072,9 @@ class FakeV5Broker:
                         send(b"\x40\x02" + pid)
                     elif qos == 2:
                         send(b"\x50\x02" + pid)
+                elif ptype == 4:  # PUBACK from the client
+                    with self._lock:
+                        self.pubacks.append(body[:2])
                 elif ptype == 6:  # PUBREL
                     send(b"\x70\x02" + body[:2])
                 elif ptype == 14:  # DISCONNECT

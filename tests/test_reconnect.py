@@ -17,8 +17,6 @@ assertions are about behaviour and counts, not tight timings.
 from __future__ import annotations
 
 import math
-import socket
-import struct
 import threading
 import time
 
@@ -430,46 +428,12 @@ def test_single_kick_of_stable_connection_is_connection_lost(broker, exporter_fa
 # --------------------------------------------------------------------------- 8. reset peer
 
 
-class ResetPeer:
-    """A TCP listener on 127.0.0.1 that accepts and at once resets (SO_LINGER 0, RST) every
-    connection: a broker dying (SIGKILL) right after the kernel accepted a connection, or a
-    load balancer without a backend. Counts accepted connections."""
-
-    def __init__(self):
-        self.accepted = 0
-        self._srv = socket.socket()
-        self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._srv.bind((HOST, 0))
-        self._srv.listen(64)
-        self._srv.settimeout(0.2)
-        self.port = self._srv.getsockname()[1]
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-
-    def _loop(self):
-        while not self._closed.is_set():
-            try:
-                conn, _ = self._srv.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-            self.accepted += 1
-
-    def close(self):
-        self._closed.set()
-        self._srv.close()
-        self._thread.join(timeout=2)
-
-
 @pytest.fixture
-def reset_peer():
-    peer = ResetPeer()
-    yield peer
-    peer.close()
+def reset_peer(fake_v5_factory):
+    """A listener that resets every connection right after the TCP accept, before CONNECT
+    is written: a broker dying (SIGKILL) at that moment, or a load balancer without a
+    backend."""
+    return fake_v5_factory(reset_on_accept=True)
 
 
 @pytest.mark.timeout(45)
