@@ -73,6 +73,7 @@ class InboundReader:
     def dispatch(self) -> bool:
         """Handle the complete packets in the buffer; keep a trailing partial one."""
         buf = self.buf
+        view = memoryview(buf)  # slices of it copy once; released before buf is resized
         n = len(buf)
         pos = 0
         deliver = self.deliver
@@ -111,11 +112,11 @@ class InboundReader:
                         start += plen
                     if topic_end <= end and start <= end:
                         try:
-                            topic = buf[i + 2:topic_end].decode()
+                            topic = str(view[i + 2:topic_end], "utf-8")
                         except UnicodeDecodeError:
                             pass  # not valid MQTT; drop the packet
                         else:
-                            deliver(topic, bytes(buf[start:end]))
+                            deliver(topic, view[start:end].tobytes())
                     pos = end
                     continue
                 self._paho_pos, self._paho_limit = pos, end
@@ -125,5 +126,6 @@ class InboundReader:
                 fast = self.fast_path_enabled()
             return False
         finally:
+            view.release()
             del buf[:pos]
             self._paho_pos = self._paho_limit = 0

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from time import monotonic as _monotonic, time as _wall_time
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -143,7 +142,7 @@ class ShutdownHistory:
         data = {"bounds": list(SHUTDOWN_DURATION_BUCKETS), "counts": self.histogram.counts,
                 "sum": self.histogram.sum, "count": self.histogram.count,
                 "last_timed_out": timed_out, "last_duration_seconds": duration,
-                "recorded_at": time.time()}
+                "recorded_at": _wall_time()}
         directory = os.path.dirname(self.path) or "."
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".shutdown-", dir=directory)
