@@ -1,6 +1,7 @@
 # mqtt-site-exporter developer targets.
 #   make test   - venv + Debian tools, then the pytest suite (what .ci/run does)
 #   make demo   - local mosquitto + simulated sites + exporter on 127.0.0.1:8000
+#   make lint   - ruff over the repository, mypy --strict over exporter/
 #   make bench  - benchmarks (package bench/)
 
 PYTHON ?= python3
@@ -10,14 +11,14 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 SITES_FILE ?= examples/sites.yml
 
-.PHONY: venv deps test demo bench check-config clean
+.PHONY: venv deps test lint demo bench check-config clean
 
 venv: $(STAMP)
 
 # Re-installs only when the packaging metadata changes.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
-	$(VENV_PY) -m pip install -q -e '.[test]'
+	$(VENV_PY) -m pip install -q -e '.[test,lint]'
 	touch $@
 
 deps:
@@ -25,6 +26,10 @@ deps:
 
 test: deps venv
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV_PY) -m ruff check exporter tests bench scripts
+	$(VENV_PY) -m mypy exporter
 
 demo: deps venv
 	bash scripts/ensure-deps.sh mosquitto_sub

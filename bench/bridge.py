@@ -69,7 +69,7 @@ FIELDS = ("temperature", "humidity", "battery_level")
 PROFILE_SECONDS = 10.0
 
 METHOD = f"""\
-Per run, fresh processes on 127.0.0.1: one Mosquitto (`tests.harness.Broker`, RLIMIT_NOFILE
+Per run, fresh processes on 127.0.0.1: one Mosquitto (`tests.support.Broker`, RLIMIT_NOFILE
 raised, `{BROKER_CONF}`), and subscribed to it at the same time:
 **ours** (`python -m exporter run`, one site `{SITE}` with `topics: ["bench/#"]` and
 `bridge: true` unless stated otherwise below, LOG_LEVEL=INFO), **theirs**

@@ -1,7 +1,8 @@
 """Shared pieces of the benchmarks: context/result types, statistics, exact process timing,
 the "settled" check, and a snapshot of retained status messages.
 
-Processes, brokers and watchers come from ``tests/harness.py`` (imported, not copied).
+Processes, brokers and watchers come from ``tests/support`` (imported, not copied; run the
+benchmarks from the repository root, ``python -m bench``, so that ``tests`` is importable).
 """
 from __future__ import annotations
 
@@ -11,17 +12,13 @@ import os
 import select
 import signal
 import statistics
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tests import harness  # noqa: E402  (needs the repo root on sys.path)
-from tests.harness import (  # noqa: E402,F401  (re-exported for the benchmarks)
+from tests import support as harness
+from tests.support import (  # noqa: F401  (re-exported for the benchmarks)
     Broker,
     ExporterProcess,
     StatusWatcher,

@@ -34,7 +34,7 @@ SITES = 10
 TARGET_SECONDS = 0.020
 
 METHOD = f"""\
-One Mosquitto on 127.0.0.1 (via `tests.harness.Broker`), {SITES} sites on it, and a
+One Mosquitto on 127.0.0.1 (via `tests.support.Broker`), {SITES} sites on it, and a
 `StatusWatcher` (paho network thread in the bench process) subscribed to `{STATUS_FILTER}`
 QoS 1 for the whole benchmark. Each run starts a **fresh** exporter process, polls `/health`
 until all {SITES} are connected, waits for the live `online` of every site and for the exporter

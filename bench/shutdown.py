@@ -45,9 +45,9 @@ _RE_LOGGED = re.compile(re.escape(SHUTDOWN_LINE) + r" (\d+(?:\.\d+)?) s")
 
 METHOD = f"""\
 For N in {", ".join(map(str, SITE_COUNTS))}: one fresh Mosquitto on 127.0.0.1 (started by the
-bench through `tests.harness.Broker`, RLIMIT_NOFILE raised to 65536 or the hard limit), N
+bench through `tests.support.Broker`, RLIMIT_NOFILE raised to 65536 or the hard limit), N
 sites `sNNNN` on it, one exporter process (`python -m exporter run` via
-`tests.harness.ExporterProcess`: LOG_FORMAT=text, LOG_LEVEL=INFO,
+`tests.support.ExporterProcess`: LOG_FORMAT=text, LOG_LEVEL=INFO,
 MQTT_SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT:g}, MQTT v3.1.1, LWT on, state dir on the local disk).
 A `StatusWatcher` subscribed to `{STATUS_FILTER}` (QoS 1) runs for the whole case.
 

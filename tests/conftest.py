@@ -1,19 +1,14 @@
-"""Fixtures over tests/harness.py: real mosquitto brokers, exporter processes, status watchers.
+"""Fixtures over tests/support/: real mosquitto brokers, exporter processes, status watchers.
 
 Every process a fixture starts is SIGCONTed and SIGKILLed at teardown, pass or fail.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import harness  # noqa: E402
-from harness import Broker, ExporterProcess, FakeV5Broker, StatusWatcher  # noqa: E402
+from tests import support
+from tests.support import Broker, ExporterProcess, FakeV5Broker, StatusWatcher
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -32,9 +27,9 @@ def _failed(request) -> bool:
 @pytest.fixture(scope="session")
 def mosquitto_bin() -> str:
     """Path of the mosquitto binary; fails the tests that need it with a clear message."""
-    path = harness.find_mosquitto()
+    path = support.find_mosquitto()
     if path is None:
-        pytest.fail(harness.MOSQUITTO_MISSING, pytrace=False)
+        pytest.fail(support.MOSQUITTO_MISSING, pytrace=False)
     return path
 
 
@@ -120,15 +115,15 @@ def status_watcher():
     for w in watchers:
         try:
             w.close()
-        except Exception:  # noqa: BLE001 - teardown of a client to a dead broker
+        except Exception:
             pass
 
 
 @pytest.fixture
 def prometheus_factory(tmp_path, request):
-    """make(targets, rule_files=(), interval="1s") -> started promharness.Prometheus in
+    """make(targets, rule_files=(), interval="1s") -> started tests.support.prometheus.Prometheus in
     tmp_path/prometheus-N scraping the ``host:port`` targets; all killed at teardown."""
-    from promharness import Prometheus
+    from tests.support.prometheus import Prometheus
 
     servers: list[Prometheus] = []
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import find_tool
+from tests.support import find_tool
 
 REPO = Path(__file__).resolve().parent.parent
 ALERTS_DIR = REPO / "alerts"

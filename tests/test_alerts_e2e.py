@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from harness import HOST, site, wait_until
-from promharness import JOB
+from tests.support import HOST, site, wait_until
+from tests.support.prometheus import JOB
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "alerts" / "mqtt-site-exporter.rules.yml"

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 
 import pytest
-from harness import mqtt_client, site, wait_until
+from tests.support import mqtt_client, site, wait_until
 
 ZIGBEE = b'{"temperature":21.5,"humidity":40,"linkquality":120,"battery":88,"state":"ON"}'
 

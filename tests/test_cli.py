@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 import exporter
-from harness import HOST, REPO_ROOT, free_port, mqtt_client, site, wait_until
+from tests.support import HOST, REPO_ROOT, free_port, mqtt_client, site, wait_until
 
 RUN_TIMEOUT = 60
 

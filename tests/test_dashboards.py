@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import HOST, REPO_ROOT, free_port, mqtt_client, site, wait_until
+from tests.support import HOST, REPO_ROOT, free_port, mqtt_client, site, wait_until
 
 DASHBOARD_DIR = REPO_ROOT / "dashboards"
 DASHBOARDS = sorted(DASHBOARD_DIR.glob("*.json"))

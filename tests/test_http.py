@@ -17,7 +17,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import HOST, free_port, mqtt_client, site, wait_until
+from tests.support import HOST, free_port, mqtt_client, site, wait_until
 
 # Fast retries towards dead ports, so backoff states show up quickly.
 FAST = {"MQTT_BACKOFF_MIN_SECONDS": "0.2", "MQTT_BACKOFF_MAX_SECONDS": "1"}

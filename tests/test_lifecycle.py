@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from harness import StatusWatcher, mqtt_client, retained, site, wait_until
+from tests.support import StatusWatcher, mqtt_client, retained, site, wait_until
 
 INSTANCE = "test"
 #: Start-up of a Python + gevent process on a loaded machine, with margin.

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from harness import HOST, free_port, mqtt_client, site, wait_until
+from tests.support import HOST, free_port, mqtt_client, site, wait_until
 
 COOLDOWN_LOG = (
     r"Broker closed connection \(code 7\) - likely duplicate client ID\. "

@@ -6,7 +6,7 @@ PUBLISH. The exporter runs as a real subprocess.
 """
 import pytest
 
-from harness import HOST, wait_until
+from tests.support import HOST, wait_until
 
 BAD_TOPIC_QOS1 = b"\x32\x07\x00\x02\xff\xfe\x00\x05x"   # topic b"\xff\xfe", packet id 5
 GOOD_QOS0 = b"\x30\x0c\x00\x09site_a/ok" + b"1"

@@ -38,7 +38,7 @@ from urllib.request import Request, urlopen
 
 import pytest
 import yaml
-from harness import (
+from tests.support import (
     HOST,
     REPO_ROOT,
     find_mosquitto,

@@ -24,6 +24,8 @@ import marshmallow as ma
 import yaml
 from environs import Env, EnvValidationError
 
+from ..bridge.constants import DEFAULT_STATES, RESERVED_LABELS, RESERVED_METRIC_PREFIXES  # noqa: F401
+
 PROTOCOLS = ("3.1.1", "5")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -41,17 +43,9 @@ BRIDGE_KEYS = (
     "mappings", "max_payload_bytes", "max_depth",
 )
 MAPPING_KEYS = ("topic", "path", "metric", "type", "scale", "help")
-#: State strings understood by default (matched case-insensitively, surrounding spaces ignored).
-DEFAULT_STATES: dict[str, float] = {
-    "on": 1, "off": 0, "true": 1, "false": 0, "yes": 1, "no": 0,
-    "online": 1, "offline": 0, "open": 1, "closed": 0,
-}
 BRIDGE_PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]*")
 BRIDGE_METRIC_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-#: Families the exporter owns; bridged names never start with these (see bridge.bridged_name).
-RESERVED_METRIC_PREFIXES = ("mqtt_site_", "mqtt_exporter_", "mqtt_bridge_", "process_", "python_")
-RESERVED_LABELS = ("site", "topic", "le", "quantile")
 
 
 @dataclass(frozen=True)

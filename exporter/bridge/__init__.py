@@ -47,16 +47,16 @@ import orjson
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
 
-from .config import DEFAULT_STATES, RESERVED_METRIC_PREFIXES, BridgeConfig
-from .textformat import escape_help, escape_label_value, format_value
+from typing import TYPE_CHECKING
+
+from ..textformat import escape_help, escape_label_value, format_value
+from .constants import DEFAULT_STATES, ERROR_REASONS, RESERVED_METRIC_PREFIXES, RESERVED_SUFFIXES
+
+if TYPE_CHECKING:
+    from ..config import BridgeConfig
 
 log = logging.getLogger(__name__)
 
-ERROR_REASONS = ("binary", "invalid_utf8", "invalid_json", "too_large", "too_deep",
-                 "non_finite", "no_numeric_value")
-#: Suffixes promtool reserves for counters, histograms and summaries; a bridged gauge
-#: ending with one gets ``_value`` appended.
-RESERVED_SUFFIXES = ("_total", "_count", "_sum", "_bucket")
 #: Topic levels that do not make a field name (an index like ``relay/0``).
 _NUMERIC_LEVEL = re.compile(r"[0-9]+")
 

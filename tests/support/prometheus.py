@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from harness import HOST, _kill_proc, _tail, free_port, port_accepts, wait_until
+from .net import HOST, _tail, free_port, kill_proc, port_accepts, wait_until
 
 PROMETHEUS_MISSING = ("prometheus not found: run `make test` (installs Debian's prometheus) "
                       "or apt-get install prometheus")
@@ -121,6 +121,6 @@ class Prometheus:
         return bool(active) and all(t["health"] == "up" for t in active)
 
     def cleanup(self) -> None:
-        _kill_proc(self.proc)
+        kill_proc(self.proc)
         if getattr(self, "_log", None):
             self._log.close()

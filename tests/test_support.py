@@ -1,4 +1,4 @@
-"""Proof that the test harness itself works, with plain paho clients only (no exporter)."""
+"""Proof that the test support (tests/support/) works, with plain paho clients only (no exporter)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
-from harness import (
-    _kill_proc,
+from tests.support import (
+    kill_proc,
     mqtt_client,
     port_accepts,
     retained,
@@ -257,7 +257,7 @@ def test_will_after_sigkilled_client(broker, status_watcher):
         t_off = w.wait_for(topic, "offline", 5, after=t0)
         proc.wait(5)
     finally:
-        _kill_proc(proc)
+        kill_proc(proc)
     latency = t_off - t0
     print(f"will latency after SIGKILL: {latency * 1000:.1f} ms")
     assert 0 <= latency < 1.0
