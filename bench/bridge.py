@@ -150,7 +150,9 @@ def bridge_setting() -> bool:
     if want in ("0", "false", "no", "off"):
         return False
     try:
-        return "bridge" in (REPO_ROOT / "exporter" / "config.py").read_text()
+        legacy = REPO_ROOT / "exporter" / "config.py"  # before config/ became a package
+        return ((REPO_ROOT / "exporter" / "bridge").is_dir()
+                or (legacy.exists() and "bridge" in legacy.read_text()))
     except OSError:
         return False
 

@@ -81,6 +81,7 @@ class SiteState:
     cooldowns: int = 0
     cooldown_until_monotonic: float | None = None
     subscriptions_refused: int = 0                 # SUBACK failure codes seen
+    internal_errors: int = 0                       # exceptions caught in our own code (bugs)
     messages_received: int = 0
     last_message_at: float | None = None
     connect_duration: HistogramData = field(

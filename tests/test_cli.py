@@ -19,7 +19,10 @@ import pytest
 import yaml
 
 import exporter
+from exporter.cli import format_status_table
+from exporter.health import health_report
 from tests.support import HOST, REPO_ROOT, free_port, mqtt_client, site, wait_until
+from tests.support.fakes import site_state as st
 
 RUN_TIMEOUT = 60
 
@@ -331,3 +334,21 @@ def test_status_default_url_comes_from_exporter_listen(broker, exporter_factory,
     r = cli(["status"], tmp_path, env=base_env(tmp_path, EXPORTER_LISTEN=f"0.0.0.0:{exp.port}"))
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert "site_a" in table_rows(r.stdout)
+
+
+def test_format_status_table_lists_every_site_and_state():
+    states = [st("alpha"), st("beta", "cooldown", cooldown_until_monotonic=1010.0),
+              st("gamma", enabled=False)]
+    _, body = health_report(True, "inst", states, 1000.0, verbose=True)
+    table = format_status_table(body)
+    lines = table.splitlines()
+    assert lines[0].startswith("DEGRADED") and "inst" in lines[0]
+    assert lines[1].split()[:2] == ["SITE", "STATE"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["alpha"][1] == "connected"
+    assert rows["beta"][1] == "cooldown" and "10s" in rows["beta"]
+    assert rows["gamma"][1] == "disabled"
+
+
+# =========================================================================== state
+

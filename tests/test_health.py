@@ -1,0 +1,79 @@
+"""Unit tests of the health aggregation (exporter/health.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from exporter.health import CRITICAL, DEGRADED, HEALTHY, HTTP_STATUS, health_report, overall_status
+from tests.support.fakes import site_state as st
+
+pytestmark = pytest.mark.timeout(10)
+
+@pytest.mark.parametrize(
+    "states, running, status, code, counts",
+    [
+        ([st("a"), st("b")], True, HEALTHY, 200, (2, 2, 2, 0)),
+        ([st("a"), st("b", "backoff")], True, DEGRADED, 200, (2, 2, 1, 1)),
+        ([st("a", "backoff"), st("b", "cooldown")], True, CRITICAL, 503, (2, 2, 0, 2)),
+        ([st("a"), st("b")], False, CRITICAL, 503, (2, 2, 2, 0)),
+        ([st("a"), st("b", enabled=False)], True, HEALTHY, 200, (2, 1, 1, 0)),
+        # Zero enabled sites: nothing is expected to be connected (documented: critical only
+        # "with at least one enabled").
+        ([st("a", enabled=False)], True, HEALTHY, 200, (1, 0, 0, 0)),
+        ([st("a", enabled=False)], False, CRITICAL, 503, (1, 0, 0, 0)),
+    ],
+    ids=["healthy", "degraded", "critical", "not-running", "disabled-not-enabled",
+         "zero-enabled", "zero-enabled-not-running"],
+)
+def test_health_report_status_and_counts(states, running, status, code, counts):
+    got_code, body = health_report(running, "inst", states, 1000.0)
+    assert got_code == code == HTTP_STATUS[status]
+    total, enabled, healthy, unhealthy = counts
+    assert body == {
+        "status": status,
+        "service": {"running": running, "instance_id": "inst"},
+        "connections": {"total": total, "enabled": enabled, "healthy": healthy,
+                        "unhealthy": unhealthy},
+    }
+
+
+def test_http_status_codes_and_overall_status():
+    assert HTTP_STATUS == {HEALTHY: 200, DEGRADED: 200, CRITICAL: 503}
+    assert overall_status(True, 3, 3) == HEALTHY
+    assert overall_status(True, 3, 1) == DEGRADED
+    assert overall_status(True, 3, 0) == CRITICAL
+    assert overall_status(False, 3, 3) == CRITICAL
+
+
+def test_health_report_verbose_fields():
+    states = [
+        st("a", connected_since=1_700_000_000.5, connects=2, messages_received=7,
+           last_message_at=1_700_000_100.0, reconnect_attempts=3,
+           last_disconnect_reason="connection_lost"),
+        st("b", "cooldown", cooldown_until_monotonic=1012.3456, cooldowns=1,
+           last_disconnect_reason="takeover"),
+        st("c", enabled=False),
+    ]
+    code, body = health_report(True, "inst", states, 1000.0, verbose=True)
+    assert code == 200 and body["status"] == DEGRADED
+    sites = body["sites"]
+    assert [s["name"] for s in sites] == ["a", "b", "c"]
+    required = {"name", "client_id", "enabled", "state", "connected", "connected_since",
+                "last_disconnect_reason", "reconnects", "cooldown_remaining_s",
+                "messages_received", "last_message_at", "broker"}
+    for s in sites:
+        assert required <= set(s), required - set(s)
+    a, b, c = sites
+    assert a["connected"] is True and a["state"] == "connected"
+    assert a["connected_since"] == 1_700_000_000.5 and a["reconnects"] == 3
+    assert a["messages_received"] == 7 and a["last_message_at"] == 1_700_000_100.0
+    assert a["client_id"] == "a_itest" and a["broker"] == "127.0.0.1:1883"
+    assert b["state"] == "cooldown" and b["connected"] is False
+    assert b["cooldown_remaining_s"] == pytest.approx(12.346, abs=1e-9)
+    assert b["last_disconnect_reason"] == "takeover"
+    assert c["enabled"] is False and c["state"] == "disabled" and c["cooldown_remaining_s"] == 0
+    # Non-verbose has no sites; the body is JSON-serialisable either way.
+    assert "sites" not in health_report(True, "inst", states, 1000.0)[1]
+    json.dumps(body)
+
