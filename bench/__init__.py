@@ -6,7 +6,7 @@ with a ``run(ctx)`` function and add it here. Results go to ``bench/results.md``
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from . import bridge, kill_offline, scrape, shutdown
 from .common import BenchContext, BenchResult

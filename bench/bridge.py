@@ -40,8 +40,8 @@ from .common import (
     Row,
     cpu_pressure,
     exporter_env,
-    harness,
     free_port,
+    harness,
     proc_cpu_ticks,
     site,
     wait_cpu_quiet,
@@ -579,10 +579,12 @@ def run(ctx: BenchContext) -> BenchResult:
              f"(`bridge: {'true' if bridge else 'absent'}` in the sites file"
              + ("" if bridge else ": `exporter/config.py` does not know `bridge` yet, so ours "
                 "only counted messages; this is NOT the issue's target figure") + ")."]
-    notes.append(f"Peer venv: {_package_versions(peer_py, ('mqtt-exporter', 'paho-mqtt', 'prometheus_client'))}.")
+    versions = _package_versions(peer_py, ("mqtt-exporter", "paho-mqtt", "prometheus_client"))
+    notes.append(f"Peer venv: {versions}.")
     import statistics as st
     if rate_runs:
-        med = lambda recs, k: st.median([r[k] for r in recs if r.get(k) is not None])
+        def med(recs, k):
+            return st.median([r[k] for r in recs if r.get(k) is not None])
         ra = med(rate_runs, "ratio_msg_per_cpu_s")
         verdict = "PASS" if bridge and ra >= TARGET_RATIO else ("FAIL" if bridge else "n/a, bridge off")
         notes.append(
@@ -610,10 +612,12 @@ def run(ctx: BenchContext) -> BenchResult:
             f"{med(sat_runs, 'pub_rate'):.0f} msg/s. /metrics under saturation (max of the two "
             f"reads): ours {med(sat_runs, 'ours_scrape_ms'):.0f} ms, theirs "
             f"{med(sat_runs, 'theirs_scrape_ms'):.0f} ms.")
+        psi = [r.get("cpu_psi10") for r in sat_runs]
+        sat_psi = med(sat_runs, "cpu_psi10") if all(v is not None for v in psi) else "?"
         notes.append(
             "Reading the saturation rows: publisher, broker and three subscribers share "
             f"{len(os.sched_getaffinity(0))} CPUs (plus whatever else runs: PSI avg10 median "
-            f"{med(sat_runs, 'cpu_psi10') if all(r.get('cpu_psi10') is not None for r in sat_runs) else '?'} %), "
+            f"{sat_psi} %), "
             "so a saturated subscriber gets a scheduler's share of a core, not a core (see the "
             "CPU use above), and ours, which needs the least CPU per message, mostly receives "
             "what the CPU-starved broker manages to forward: its received msg/s is a lower bound "
@@ -633,8 +637,9 @@ def run(ctx: BenchContext) -> BenchResult:
     if os.environ.get("BENCH_PROFILE", "1") != "0":
         try:
             top = profile(ctx, bridge, PROFILE_SECONDS / (2 if ctx.quick else 1))
-            notes.append("py-spy (`--gil`: samples holding the GIL, i.e. CPU, not waits), ours alone under saturation, top self time: " + "; ".join(
-                f"`{fn}` {pct:.1f} %" for fn, pct, _ in top[:12]) + ".")
+            notes.append("py-spy (`--gil`: samples holding the GIL, i.e. CPU, not waits), ours "
+                         "alone under saturation, top self time: " + "; ".join(
+                             f"`{fn}` {pct:.1f} %" for fn, pct, _ in top[:12]) + ".")
         except (BenchError, OSError, subprocess.SubprocessError) as exc:
             notes.append(f"py-spy profile skipped: {exc}")
     method = METHOD.replace("`bridge: true` unless stated otherwise below",
@@ -710,7 +715,8 @@ def profile(ctx: BenchContext, bridge: bool, seconds: float,
     if p.returncode != 0 or not out.exists():
         raise BenchError(f"py-spy failed: {p.stderr[-1000:]}")
     top, samples = summarize_collapsed(out.read_text())
-    ctx.log(f"profile: ours alone, {f'at {rate:g} msg/s' if rate else 'saturated'}, {c1 - c0} msgs in the profiled window, "
+    load = f"at {rate:g} msg/s" if rate else "saturated"
+    ctx.log(f"profile: ours alone, {load}, {c1 - c0} msgs in the profiled window, "
             f"{(c1 - c0) / max(1e-9, p1 - p0):.0f} msg/CPU-s, {samples} samples "
             f"(raw stacks: {out})")
     ctx.log(f"{'self %':>7} {'total %':>8}  function")
@@ -727,7 +733,8 @@ def _main(argv: list[str]) -> int:
         return 2
     seconds = float(argv[1]) if len(argv) > 1 else PROFILE_SECONDS
     rate = float(argv[2]) if len(argv) > 2 else 0.0
-    log = lambda m: print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)
+    def log(m):
+        return print(f"[{time.strftime('%H:%M:%S')}] {m}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="mqtt-bench-profile-") as d:
         ctx = BenchContext(quick=False, runs=None, workdir=Path(d), log=log)
         profile(ctx, bridge_setting(), seconds, rate)

@@ -19,6 +19,7 @@ from typing import Any
 
 from tests import support as harness
 from tests.support import (  # noqa: F401  (re-exported for the benchmarks)
+    REPO_ROOT,
     Broker,
     ExporterProcess,
     StatusWatcher,
@@ -245,7 +246,8 @@ def cpu_pressure() -> float | None:
     """``some avg10`` of /proc/pressure/cpu: % of the last 10 s in which some runnable task
     waited for a CPU (None without PSI). Above a few % the machine is contended."""
     try:
-        line = open("/proc/pressure/cpu").readline()
+        with open("/proc/pressure/cpu") as fh:
+            line = fh.readline()
         return float(line.split("avg10=")[1].split()[0])
     except (OSError, IndexError, ValueError):
         return None

@@ -62,7 +62,7 @@ def _shutdown_samples(path: Path):
                       if "on_signal (" in s or "Service.shutdown (" in s), None)
         if start is None:
             continue
-        for s, w in zip(seq[start:], weights[start:]):
+        for s, _w in zip(seq[start:], weights[start:]):
             out.append((s or "<hub/libev>", 1))
     return out
 
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                         [pyspy, "record", "--pid", str(exp.pid), "--rate", str(args.rate),
                          "--format", "speedscope", "--idle", "--nonblocking", "-o", str(out)],
                         stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                wait_until(lambda: b"Sampling process" in err.read_bytes(), 10,
+                wait_until(lambda err=err: b"Sampling process" in err.read_bytes(), 10,
                            message="py-spy attached")
                 wait_cpu_quiet([exp.pid, broker.pid], timeout=15)
                 reaped = signal_and_reap(exp.proc, 15, timeout=20)

@@ -13,11 +13,12 @@ import statistics
 import time
 import types
 
+from prometheus_client import generate_latest
+
 from exporter.bridge import BridgeStore
 from exporter.config import BridgeConfig
 from exporter.metrics import build_registry, make_metrics_app, process_registry
 from exporter.state import ShutdownHistory, SiteState, SystemClock
-from prometheus_client import generate_latest
 
 from .common import BenchContext, BenchResult, Row
 

@@ -9,15 +9,15 @@ site's retained status ``offline``.
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
-import os
 import time
 
 from .common import (
+    CLK_TCK,
     SHUTDOWN_LINE,
     STATUS_FILTER,
-    CLK_TCK,
     BenchContext,
     BenchError,
     BenchResult,

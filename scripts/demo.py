@@ -82,7 +82,7 @@ def write_broker_config() -> Path:
 
 def spawn(cmd: list[str], log: Path | None = None, **kw) -> subprocess.Popen:
     # A new session: Ctrl-C reaches only this script, which then stops the children in order.
-    out = open(log, "ab") if log else subprocess.PIPE
+    out = open(log, "ab") if log else subprocess.PIPE  # noqa: SIM115 - the child keeps it
     try:
         return subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, **kw)

@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"site-simulator-{rng.getrandbits(32):08x}")
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                         client_id=f"site-simulator-{rng.getrandbits(32):08x}")
 
     def on_connect(_c, _u, _flags, reason_code, _props):
         if reason_code.is_failure:

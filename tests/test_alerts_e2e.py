@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.support import HOST, site, wait_until
 from tests.support.prometheus import JOB
 

@@ -147,7 +147,7 @@ def test_panel_ids_and_grid(path):
         assert g["w"] > 0 and g["h"] > 0, (p["id"], g)
         assert g["x"] + g["w"] <= GRID_COLUMNS, f"panel {p['id']} {p['title']!r}: {g}"
     # Visible panels must not overlap (Grafana would push them around).
-    visible = [p for p in d["panels"]]
+    visible = list(d["panels"])
     cells: dict[tuple[int, int], int] = {}
     for p in visible:
         g = p["gridPos"]

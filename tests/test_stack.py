@@ -38,6 +38,8 @@ from urllib.request import Request, urlopen
 
 import pytest
 import yaml
+
+import exporter
 from tests.support import (
     HOST,
     REPO_ROOT,
@@ -48,8 +50,6 @@ from tests.support import (
     port_accepts,
     wait_until,
 )
-
-import exporter
 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
@@ -204,7 +204,7 @@ def test_compose_config_is_valid():
 @pytest.mark.timeout(60)
 def test_compose_services_and_images_are_pinned(compose, compose_raw):
     services = compose["services"]
-    assert CORE_SERVICES <= set(services), f"missing: {CORE_SERVICES - set(services)}"
+    assert set(services) >= CORE_SERVICES, f"missing: {CORE_SERVICES - set(services)}"
     for name, svc in services.items():
         if "build" in svc:
             assert Path(svc["build"]["context"]).resolve() == REPO_ROOT
@@ -373,10 +373,7 @@ class _Health(BaseHTTPRequestHandler):
     """/health answers 200 or 503 depending on ``server.healthy``; anything else 404."""
 
     def do_GET(self):
-        if self.path != "/health":
-            code = 404
-        else:
-            code = 200 if self.server.healthy else 503
+        code = 404 if self.path != "/health" else 200 if self.server.healthy else 503
         self.send_response(code)
         self.send_header("Content-Length", "2")
         self.end_headers()

@@ -27,7 +27,23 @@ from .net import (
 from .scripted import ConnectInfo, FakeV5Broker, parse_connect
 
 __all__ = [
-    "HOST", "MOSQUITTO_MISSING", "REPO_ROOT", "Broker", "ConnectInfo", "ExporterProcess", "kill_proc",
-    "FakeV5Broker", "StatusWatcher", "find_mosquitto", "find_tool", "free_port", "mqtt_client",
-    "parse_connect", "port_accepts", "retained", "retained_all", "site", "wait_until",
+                  "HOST",
+                  "MOSQUITTO_MISSING",
+                  "REPO_ROOT",
+                  "Broker",
+                  "ConnectInfo",
+                  "ExporterProcess",
+                  "FakeV5Broker",
+                  "StatusWatcher",
+                  "find_mosquitto",
+                  "find_tool",
+                  "free_port",
+                  "kill_proc",
+                  "mqtt_client",
+                  "parse_connect",
+                  "port_accepts",
+                  "retained",
+                  "retained_all",
+                  "site",
+                  "wait_until",
 ]

@@ -38,8 +38,8 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from .net import (
     HOST,
@@ -164,7 +164,7 @@ class Broker:
     def url(self) -> str:
         return f"mqtt://{HOST}:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "Broker":
+    def start(self, timeout: float = 10.0) -> Broker:
         """Start mosquitto and wait until its port accepts a TCP connection.
 
         On a first start with a port we chose, a lost race for the port is retried on a new one;
@@ -212,7 +212,7 @@ class Broker:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.cleanup()
-            raise AssertionError(f"mosquitto ignored SIGTERM for {timeout}s")
+            raise AssertionError(f"mosquitto ignored SIGTERM for {timeout}s") from None
 
     def kill(self) -> int:
         """SIGKILL and reap."""
@@ -228,7 +228,7 @@ class Broker:
     def thaw(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
 
-    def restart(self, timeout: float = 10.0) -> "Broker":
+    def restart(self, timeout: float = 10.0) -> Broker:
         """Stop (SIGTERM) and start again on the same port."""
         self.stop()
         return self.start(timeout=timeout)

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -77,7 +78,7 @@ class ExporterProcess:
         self.sites_file.write_text(yaml.safe_dump({"sites": sites}, sort_keys=False))
 
     # -- lifecycle
-    def start(self) -> "ExporterProcess":
+    def start(self) -> ExporterProcess:
         if self.running:
             raise RuntimeError("exporter already running")
         if self._log_fh:
@@ -176,7 +177,7 @@ class ExporterProcess:
         except ValueError:
             return status, {"_raw": body.decode("utf-8", "replace")}
 
-    def wait_ready(self, timeout: float = 15.0) -> "ExporterProcess":
+    def wait_ready(self, timeout: float = 15.0) -> ExporterProcess:
         """Until /health answers anything at all. Fails at once if the process exits."""
 
         def answered():

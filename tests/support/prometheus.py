@@ -58,7 +58,7 @@ class Prometheus:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def start(self, timeout: float = 20.0) -> "Prometheus":
+    def start(self, timeout: float = 20.0) -> Prometheus:
         binary = find_prometheus()
         if not binary:
             raise AssertionError(PROMETHEUS_MISSING)
