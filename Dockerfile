@@ -33,7 +33,7 @@ LABEL org.opencontainers.image.title="mqtt-site-exporter" \
       org.opencontainers.image.base.name="docker.io/library/python:3.11.10-slim-bookworm"
 
 # MQTT_STATE_DIR keeps the shutdown history across restarts: it must be a persistent
-# volume (see VOLUME below). Every other MQTT_* setting keeps the README's default.
+# volume (see VOLUME below). Every other MQTT_* setting keeps its default (docs/configuration.md).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \

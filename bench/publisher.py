@@ -14,7 +14,8 @@ Protocol with the parent (stdout, one JSON object per line):
 ``{"ready": true}`` once CONNACK has arrived, then it waits (at most ``--go-timeout`` s) for
 one line on stdin before sending; at the end ``{"sent": n, "seconds": s, "rate": r,
 "last": {topic: [temperature, humidity, battery_level]}}`` (the last values sent per topic)
-and it disconnects cleanly. Only the standard library: runs under any Python 3.
+and it disconnects cleanly. Only the standard library and the pure :mod:`exporter.wire`:
+runs under any Python 3.
 """
 from __future__ import annotations
 
@@ -26,14 +27,11 @@ import socket
 import sys
 import time
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, b = divmod(n, 128)
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+try:
+    from exporter.wire import encode_varint as _varint
+except ImportError:  # run as a script (``python bench/publisher.py``): add the repository
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from exporter.wire import encode_varint as _varint
 
 
 def _str(s: bytes) -> bytes:

@@ -9,14 +9,20 @@ import argparse
 import json
 import os
 import sys
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from .config import Settings
 
 PROG = "mqtt-site-exporter"
 EXIT_CONFIG = 2
 
 
-def _load_settings_or_exit():
+def _load_settings_or_exit() -> Settings:
     from .config import ConfigError, load_settings
     try:
         return load_settings()
@@ -27,9 +33,9 @@ def _load_settings_or_exit():
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def cmd_run(args) -> int:
+def cmd_run(args: argparse.Namespace) -> int:
     from gevent import monkey
-    monkey.patch_all()
+    monkey.patch_all()  # type: ignore[no-untyped-call]
     import logging
     import signal
     import time
@@ -38,21 +44,21 @@ def cmd_run(args) -> int:
     from gevent.event import Event
 
     log = logging.getLogger("exporter")
-    stop_requested = Event()
+    stop_requested = Event()  # type: ignore[no-untyped-call]
     signal_at: list[float] = []
 
-    def on_signal(signum):
+    def on_signal(signum: int) -> None:
         if signal_at:
             log.warning("Second %s during shutdown: exiting now", signal.Signals(signum).name)
             logging.shutdown()
             os._exit(128 + signum)
         signal_at.append(time.monotonic())
         log.info("%s received: shutting down", signal.Signals(signum).name)
-        stop_requested.set()
+        stop_requested.set()  # type: ignore[no-untyped-call]
 
     # First thing: a SIGTERM during start-up must still mean a clean exit.
     for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, on_signal, signum)
+        gevent.signal_handler(signum, on_signal, signum)  # type: ignore[no-untyped-call]
 
     settings = _load_settings_or_exit()
     from .http import make_app, make_server
@@ -65,25 +71,25 @@ def cmd_run(args) -> int:
     server = make_server(settings.listen_host, settings.listen_port,
                          make_app(service, process_registry()))
     try:
-        server.start()
+        server.start()  # type: ignore[no-untyped-call]
     except OSError as exc:
         log.error("Cannot listen on %s:%d: %s", settings.listen_host, settings.listen_port, exc)
         return 1
     log.info("mqtt-site-exporter %s (instance %s): %d sites, listening on %s:%d",
              __version__, settings.instance_id, len(settings.sites),
              settings.listen_host, settings.listen_port)
-    if not stop_requested.is_set():
+    if not stop_requested.is_set():  # type: ignore[no-untyped-call]
         service.start()
-        stop_requested.wait()
+        stop_requested.wait()  # type: ignore[no-untyped-call]
     service.shutdown(signal_at[0])
-    server.stop(timeout=0)
+    server.stop(timeout=0)  # type: ignore[no-untyped-call]
     logging.shutdown()
     # Skip interpreter teardown: everything worth doing is done, and with a thousand
     # sites the teardown would dominate the time to exit.
     os._exit(0)
 
 
-def cmd_check_config(args) -> int:
+def cmd_check_config(args: argparse.Namespace) -> int:
     from .config import summarize_site
     settings = _load_settings_or_exit()
     for site in settings.sites:
@@ -102,7 +108,7 @@ def _default_status_url() -> str:
     return f"http://{host}:{port or 8000}"
 
 
-def format_status_table(report: dict) -> str:
+def format_status_table(report: dict[str, Any]) -> str:
     """The verbose health report as a ``supervisorctl status``-like table."""
     conns = report.get("connections", {})
     lines = [f"{report.get('status', '?').upper()}  instance {report['service']['instance_id']}"
@@ -122,7 +128,7 @@ def format_status_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     from urllib.error import HTTPError, URLError
     from urllib.request import urlopen
     url = args.url.rstrip("/") + "/health?verbose=true"
@@ -163,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {None: cmd_run, "run": cmd_run, "check-config": cmd_check_config, "status": cmd_status}
+COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
+    None: cmd_run, "run": cmd_run, "check-config": cmd_check_config, "status": cmd_status}
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)

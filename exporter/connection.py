@@ -8,26 +8,41 @@ Reconnects are ours, not paho's (see :mod:`exporter.reconnect`). The state it ke
 Graceful close is split for a parallel shutdown: :meth:`SiteConnection.send_farewell`
 writes the final ``offline`` status and DISCONNECT as one non-blocking send and
 half-closes the socket; :func:`drain_until_closed` then waits for the broker's close.
+
+Everything that touches paho's internals is in :mod:`exporter.client`, every byte layout
+in :mod:`exporter.wire`.
 """
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import gevent
 import gevent.socket
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .inbound import InboundReader
+from .client import ErrorReporter, InboundReader, build_client, detach_socket, drop_socket
 from .reconnect import ConnectionEnd, ReconnectPolicy
-from .state import (BACKOFF, CONNECTED, CONNECTING, COOLDOWN, DISABLED, STOPPING,
-                    SiteState)
+from .state import BACKOFF, CONNECTED, CONNECTING, COOLDOWN, DISABLED, STOPPING, SiteState
+from .wire import farewell_packets
+
+if TYPE_CHECKING:
+    from .bridge import SiteBridge
+    from .config import Settings, SiteConfig
 
 log = logging.getLogger(__name__)
+
+# gevent ships no type information: typed views of the few calls used here.
+_get_hub: Callable[[], Any] = gevent.get_hub
+_sleep: Callable[[float], None] = gevent.sleep
+_spawn: Callable[..., gevent.Greenlet] = gevent.spawn
+_wait: Callable[..., None] = gevent.socket.wait  # type: ignore[attr-defined]
 
 ONLINE, OFFLINE = b"online", b"offline"
 #: Session expiry asked for on MQTT 5 when clean sessions are turned off.
@@ -39,36 +54,19 @@ MISC_INTERVAL = 0.25
 _READ, _WRITE = 1, 2
 
 
-def _remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, byte = divmod(n, 128)
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
+class Clock(Protocol):
+    """What a connection needs of :class:`exporter.state.SystemClock`."""
 
+    def time(self) -> float: ...
 
-def farewell_packets(status_topic: str, protocol: str, lwt_enabled: bool) -> bytes:
-    """The bytes of a graceful goodbye, sent as one write.
-
-    v5 with a will: DISCONNECT reason 0x04 "Disconnect with Will Message" (the broker
-    publishes our ``offline`` will). v3.1.1 with a will: PUBLISH ``offline`` (QoS 1,
-    retained) then DISCONNECT. Without a will: DISCONNECT only.
-    """
-    v5 = protocol == "5"
-    if not lwt_enabled:
-        return b"\xe0\x01\x00" if v5 else b"\xe0\x00"
-    if v5:
-        return b"\xe0\x01\x04"
-    topic = status_topic.encode()
-    body = len(topic).to_bytes(2, "big") + topic + b"\xff\xff" + OFFLINE
-    return b"\x33" + _remaining_length(len(body)) + body + b"\xe0\x00"
+    def monotonic(self) -> float: ...
 
 
 class SiteConnection:
     """Keeps one site connected, with our backoff and the takeover cooldown."""
 
-    def __init__(self, site, settings, clock, rng=None, bridge=None):
+    def __init__(self, site: SiteConfig, settings: Settings, clock: Clock,
+                 rng: random.Random | None = None, bridge: SiteBridge | None = None) -> None:
         self.site = site
         self.bridge = bridge  # exporter.bridge.SiteBridge or None: ingest(topic, payload)
         self.settings = settings
@@ -81,46 +79,33 @@ class SiteConnection:
                                       settings.stable_seconds, settings.cooldown_seconds, rng)
         self.log = logging.LoggerAdapter(log, {"site": site.name})
         self._status_topic = site.status_topic
-        self._farewell = farewell_packets(site.status_topic, site.protocol, settings.lwt_enabled)
+        self._farewell = farewell_packets(site.status_topic, site.protocol,
+                                          settings.lwt_enabled, OFFLINE)
         self._greenlet: gevent.Greenlet | None = None
-        self._watchers = ()
+        self._watchers: tuple[Any, ...] = ()
         self._stopping = False
-        self._client = self._build_client()
+        #: Exceptions in our callbacks and in the fast path: logged, counted, survived.
+        self.errors = ErrorReporter(self.state, self.log, clock)
+        self._client = build_client(
+            site, self.client_id, clean_session=settings.clean_session,
+            connect_timeout=settings.connect_timeout,
+            will=(site.status_topic, OFFLINE) if settings.lwt_enabled else None,
+            errors=self.errors, on_connect=self._on_connect,
+            on_disconnect=self._on_disconnect, on_message=self._on_message,
+            on_subscribe=self._on_subscribe)
         self._end: ConnectionEnd | None = None
         self._connack_ok = False
         self._attempt_started = 0.0
 
-    # -- set-up -------------------------------------------------------------------------
-    def _build_client(self) -> mqtt.Client:
-        site, settings = self.site, self.settings
-        v5 = site.protocol == "5"
-        kwargs = {"protocol": mqtt.MQTTv5} if v5 else {
-            "protocol": mqtt.MQTTv311, "clean_session": settings.clean_session}
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                             reconnect_on_failure=False, **kwargs)
-        client.connect_timeout = settings.connect_timeout
-        client.max_queued_messages_set(16)
-        client.suppress_exceptions = True  # a callback error drops one message, not the link
-        if site.username:
-            client.username_pw_set(site.username,
-                                   site.password.reveal() if site.password else None)
-        if site.tls:
-            client.tls_set(ca_certs=site.ca_file)
-        if settings.lwt_enabled:
-            client.will_set(site.status_topic, OFFLINE, qos=1, retain=True)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
-        return client
-
     def start(self) -> None:
+        """Spawn the connection's greenlet (enabled sites only)."""
         if self.site.enabled:
             self.log.info("Using client ID %s", self.client_id)
-            self._greenlet = gevent.spawn(self._run)
+            self._greenlet = _spawn(self._run)
 
     # -- paho callbacks (run inside loop_read, never block) -----------------------------
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: Any,
+                    reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
             self.log.warning("Broker %s refused the connection: %s", self.site.broker, reason_code)
             return
@@ -137,19 +122,22 @@ class SiteConnection:
         client.subscribe([(topic, 0) for topic in self.site.topics])
         self.log.info("Connected to %s as %s", self.site.broker, self.client_id)
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: Any,
+                       reason_code: Any, properties: Any) -> None:
         if self._end is not None:  # paho may report one loss twice (paho.mqtt.python#870)
             return
         self._end = self._ended_now(reason_code.value, flags.is_disconnect_packet_from_server)
 
-    def _ended_now(self, reason_code: int | None = None, from_server: bool = False):
+    def _ended_now(self, reason_code: int | None = None,
+                   from_server: bool = False) -> ConnectionEnd:
         uptime = 0.0
         if self._connack_ok and self.state.connected_at_monotonic is not None:
             uptime = self.clock.monotonic() - self.state.connected_at_monotonic
         return ConnectionEnd(connected=self._connack_ok, uptime=uptime,
                              reason_code=reason_code, from_server=from_server)
 
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                      reason_codes: list[Any], properties: Any) -> None:
         refused = [str(rc) for rc in reason_codes if rc.is_failure]
         if refused:  # e.g. an ACL: connected, but nothing will ever arrive
             self.state.subscriptions_refused += len(refused)
@@ -157,8 +145,9 @@ class SiteConnection:
                              self.site.broker, len(refused), list(self.site.topics),
                              ", ".join(refused))
 
-    def _on_message(self, client, userdata, message):
-        self._deliver(message.topic, message.payload)
+    def _on_message(self, client: mqtt.Client, userdata: object,
+                    message: mqtt.MQTTMessage) -> None:
+        self._deliver(message.topic, cast(bytes, message.payload))  # paho sets bytes
 
     def _deliver(self, topic: str, payload: bytes) -> None:
         """Every message on the site's topics: from paho, or from the inbound fast path."""
@@ -180,6 +169,7 @@ class SiteConnection:
                 end = self._attempt()
             except Exception:  # a bug must cost one connection, never the site's loop
                 self.log.exception("Unexpected error on the connection to %s", self.site.broker)
+                self.state.internal_errors += 1
                 self._close_socket()
                 end = self._end or self._ended_now()
             if self._stopping:
@@ -192,7 +182,7 @@ class SiteConnection:
                 self.state.state = BACKOFF
                 self.log.info("Reconnecting to %s in %.1f s (%s)", self.site.broker,
                               decision.delay, decision.reason)
-            gevent.sleep(decision.delay)
+            _sleep(decision.delay)
 
     def _attempt(self) -> ConnectionEnd:
         """Connect, then serve the connection until it ends. Returns how it ended."""
@@ -202,7 +192,7 @@ class SiteConnection:
         self._attempt_started = self.clock.monotonic()
         try:
             if site.protocol == "5":
-                props = Properties(PacketTypes.CONNECT)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = (
                     0 if self.settings.clean_session else PERSISTENT_SESSION_EXPIRY)
                 client.connect(site.host, site.port, site.keepalive,
@@ -213,20 +203,26 @@ class SiteConnection:
             self.log.warning("Cannot connect to %s: %s", site.broker, exc)
             self._close_socket()
             return ConnectionEnd(connected=False)
-        if client.socket() is None:  # paho lost it while writing CONNECT (no exception)
+        sock = client.socket()
+        if sock is None:  # paho lost it while writing CONNECT (no exception)
             self.log.warning("Connection to %s lost before CONNECT was sent", site.broker)
             return ConnectionEnd(connected=False)
-        self._serve(client)
+        self._serve(client, sock.fileno())
         self._close_socket()
         return self._end or self._ended_now()
 
-    def _serve(self, client: mqtt.Client) -> None:
-        sock = client.socket()
-        reader = InboundReader(client, sock, self._deliver, self.site.protocol == "5",
-                               lambda: self._connack_ok)
-        hub = gevent.get_hub()
-        read_watcher = hub.loop.io(sock.fileno(), _READ)
-        rw_watcher = hub.loop.io(sock.fileno(), _READ | _WRITE)
+    def _fast_path_enabled(self) -> bool:
+        return self._connack_ok
+
+    def _fast_path_error(self, exc: Exception) -> None:
+        self.errors.report("on_message", exc)
+
+    def _serve(self, client: mqtt.Client, fd: int) -> None:
+        reader = InboundReader(client, self._deliver, self.site.protocol == "5",
+                               self._fast_path_enabled, self._fast_path_error)
+        hub = _get_hub()
+        read_watcher = hub.loop.io(fd, _READ)
+        rw_watcher = hub.loop.io(fd, _READ | _WRITE)
         self._watchers = (read_watcher, rw_watcher)
         connack_deadline = self._attempt_started + self.settings.connect_timeout
         idle_wait = min(MAX_IDLE_WAIT, max(0.5, self.site.keepalive / 4))
@@ -243,8 +239,8 @@ class SiteConnection:
                         return
                 watcher = rw_watcher if client.want_write() else read_watcher
                 try:
-                    gevent.socket.wait(watcher, timeout=timeout)
-                except socket.timeout:
+                    _wait(watcher, timeout=timeout)
+                except TimeoutError:
                     pass
                 if self._stopping:
                     return
@@ -261,9 +257,7 @@ class SiteConnection:
             rw_watcher.close()
 
     def _close_socket(self) -> None:
-        sock = self._client.socket()
-        if sock is not None:
-            self._client._sock_close()  # paho has no public "drop the socket" call
+        drop_socket(self._client)
 
     def _record_end(self, reason: str) -> None:
         st = self.state
@@ -295,7 +289,7 @@ class SiteConnection:
         for watcher in self._watchers:
             watcher.stop()
 
-    def send_farewell(self):
+    def send_farewell(self) -> socket.socket | None:
         """Write offline + DISCONNECT in one non-blocking send and half-close.
 
         Returns the socket to drain, or None when there was nothing to say goodbye on.
@@ -305,6 +299,7 @@ class SiteConnection:
         sock = client.socket()
         if sock is None:
             return None
+        sock = cast(socket.socket, sock)  # paho's SocketLike: a socket or an SSLSocket
         if not self._connack_ok or self._end is not None:
             self._close_socket()
             return None
@@ -324,20 +319,20 @@ class SiteConnection:
             self._close_socket()
             return None
         self._record_end("normal")
-        self._client._sock = None  # the socket is ours now: drain_until_closed closes it
+        detach_socket(client)  # the socket is ours now: drain_until_closed closes it
         return sock
 
 
-def drain_until_closed(sock) -> bool:
+def drain_until_closed(sock: socket.socket) -> bool:
     """Read until the broker closes the socket (it has processed our goodbye), then close.
 
     No timeout of its own: the caller bounds all drains with one deadline and kills the
     ones still waiting (a timer per socket costs ~10 us each at shutdown).
     """
-    watcher = gevent.get_hub().loop.io(sock.fileno(), _READ)
+    watcher = _get_hub().loop.io(sock.fileno(), _READ)
     try:
         while True:
-            gevent.socket.wait(watcher)
+            _wait(watcher)
             try:
                 if not sock.recv(65536):
                     return True

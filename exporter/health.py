@@ -7,6 +7,11 @@ the site objects carry none.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from .state import ServiceView, SiteState
+
 HEALTHY, DEGRADED, CRITICAL = "healthy", "degraded", "critical"
 HTTP_STATUS = {HEALTHY: 200, DEGRADED: 200, CRITICAL: 503}
 
@@ -17,7 +22,7 @@ def overall_status(running: bool, enabled: int, connected: int) -> str:
     return HEALTHY if connected >= enabled else DEGRADED
 
 
-def site_report(st, now_monotonic: float) -> dict:
+def site_report(st: SiteState, now_monotonic: float) -> dict[str, Any]:
     return {
         "name": st.name,
         "client_id": st.client_id,
@@ -39,13 +44,13 @@ def site_report(st, now_monotonic: float) -> dict:
     }
 
 
-def health_report(running: bool, instance_id: str, states, now_monotonic: float,
-                  verbose: bool = False):
+def health_report(running: bool, instance_id: str, states: Sequence[SiteState],
+                  now_monotonic: float, verbose: bool = False) -> tuple[int, dict[str, Any]]:
     """Returns ``(http_status, body)`` for the given site states."""
     enabled = sum(1 for st in states if st.enabled)
     connected = sum(1 for st in states if st.enabled and st.connected)
     status = overall_status(running, enabled, connected)
-    body = {
+    body: dict[str, Any] = {
         "status": status,
         "service": {"running": running, "instance_id": instance_id},
         "connections": {"total": len(states), "enabled": enabled,
@@ -54,3 +59,9 @@ def health_report(running: bool, instance_id: str, states, now_monotonic: float,
     if verbose:
         body["sites"] = [site_report(st, now_monotonic) for st in states]
     return HTTP_STATUS[status], body
+
+
+def service_health(service: ServiceView, verbose: bool = False) -> tuple[int, dict[str, Any]]:
+    """:func:`health_report` of a running (or stopped) service, as ``/health`` serves it."""
+    return health_report(service.running, service.instance_id, service.site_states,
+                         service.clock.monotonic(), verbose)

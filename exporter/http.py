@@ -3,11 +3,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 from gevent.pywsgi import WSGIServer
-from .health import health_report
+from prometheus_client import CollectorRegistry
+
+from .health import service_health
 from .metrics import make_metrics_app
+from .state import ServiceView
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -21,18 +29,19 @@ INDEX = b"""<html><head><title>mqtt-site-exporter</title></head><body>
 """
 
 
-def _respond(start_response, status: str, body: bytes, content_type: str, extra=()):
+def _respond(start_response: StartResponse, status: str, body: bytes, content_type: str,
+             extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:
     start_response(status, [("Content-Type", content_type),
                             ("Content-Length", str(len(body))), *extra])
     return [body]
 
 
-def make_app(service, registry):
+def make_app(service: ServiceView, registry: CollectorRegistry) -> WSGIApplication:
     """WSGI app serving the service's metrics and health; ``registry`` holds the collectors
     served after the service's own families (the process collector)."""
     metrics_app = make_metrics_app(service, registry)
 
-    def app(environ, start_response):
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         known = path in HEALTH_PATHS or path in ("/metrics", "/")
         if not known:
@@ -47,8 +56,7 @@ def make_app(service, registry):
             return _respond(start_response, "200 OK", INDEX, "text/html; charset=utf-8")
         query = parse_qs(environ.get("QUERY_STRING", ""))
         verbose = query.get("verbose", ["false"])[-1].lower() in TRUE_VALUES
-        code, body = health_report(service.running, service.instance_id, service.site_states,
-                                   service.clock.monotonic(), verbose)
+        code, body = service_health(service, verbose)
         text = "OK" if code == 200 else "Service Unavailable"
         return _respond(start_response, f"{code} {text}",
                         json.dumps(body, indent=1 if verbose else None).encode() + b"\n",
@@ -57,6 +65,8 @@ def make_app(service, registry):
     return app
 
 
-def make_server(host: str, port: int, app) -> WSGIServer:
+def make_server(host: str, port: int, app: WSGIApplication) -> WSGIServer:
     """An unstarted gevent WSGI server; ``stop(timeout=0)`` returns at once."""
-    return WSGIServer((host, port), app, log=None, error_log=log)
+    server: WSGIServer = WSGIServer((host, port), app, log=None,  # type: ignore[no-untyped-call]
+                                    error_log=log)
+    return server

@@ -5,6 +5,7 @@ import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -39,7 +40,7 @@ class SiteTextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str = "INFO", fmt: str = "text", stream=None) -> None:
+def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else SiteTextFormatter(TEXT_FORMAT))
     root = logging.getLogger()

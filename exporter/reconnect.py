@@ -63,7 +63,7 @@ class ReconnectPolicy:
         self.short_closes = 0   # broker-side closes of short-lived connections in a row
 
     def backoff_delay(self, failures: int) -> float:
-        base = min(self.backoff_max, self.backoff_min * 2 ** min(failures, 32))
+        base = min(self.backoff_max, self.backoff_min * 2.0 ** min(failures, 32))
         return base * (1.0 - JITTER * self.rng.random())
 
     def classify(self, end: ConnectionEnd) -> str:

@@ -9,9 +9,15 @@ import json
 import logging
 import os
 import tempfile
-from time import monotonic as _monotonic, time as _wall_time
 from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from time import monotonic as _monotonic
+from time import time as _wall_time
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .bridge import BridgeStore
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,14 @@ CONNECT_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 SHUTDOWN_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
 
+class Clock(Protocol):
+    """What the service needs of a clock (:class:`SystemClock`, a fake in tests)."""
+
+    def time(self) -> float: ...
+
+    def monotonic(self) -> float: ...
+
+
 class SystemClock:
     """Wall time for timestamps, monotonic time for durations."""
 
@@ -41,9 +55,10 @@ class HistogramData:
 
     __slots__ = ("bounds", "counts", "sum", "count")
 
-    def __init__(self, bounds, counts=None, total=0.0, count=0):
+    def __init__(self, bounds: Iterable[float], counts: Iterable[int] | None = None,
+                 total: float = 0.0, count: int = 0) -> None:
         self.bounds = tuple(bounds)
-        self.counts = list(counts) if counts else [0] * (len(self.bounds) + 1)
+        self.counts: list[int] = list(counts) if counts else [0] * (len(self.bounds) + 1)
         self.sum = float(total)
         self.count = int(count)
 
@@ -52,9 +67,10 @@ class HistogramData:
         self.sum += value
         self.count += 1
 
-    def cumulative(self):
+    def cumulative(self) -> list[tuple[str, int]]:
         """``[(le, cumulative_count), ...]`` ending with ``+Inf``, as exposition wants."""
-        out, running = [], 0
+        out: list[tuple[str, int]] = []
+        running = 0
         for bound, n in zip(self.bounds + (float("inf"),), self.counts):
             running += n
             out.append(("+Inf" if bound == float("inf") else repr(float(bound)), running))
@@ -76,7 +92,7 @@ class SiteState:
     last_disconnect_reason: str | None = None
     last_disconnect_at: float | None = None
     connects: int = 0
-    disconnects: dict = field(default_factory=lambda: dict.fromkeys(DISCONNECT_REASONS, 0))
+    disconnects: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DISCONNECT_REASONS, 0))
     reconnect_attempts: int = 0
     cooldowns: int = 0
     cooldown_until_monotonic: float | None = None
@@ -107,14 +123,14 @@ class ShutdownHistory:
     FILENAME = "shutdown-history.json"
 
     def __init__(self, path: str, histogram: HistogramData | None = None,
-                 last_timed_out: bool = False, last_duration: float | None = None):
+                 last_timed_out: bool = False, last_duration: float | None = None) -> None:
         self.path = path
         self.histogram = histogram or HistogramData(SHUTDOWN_DURATION_BUCKETS)
         self.last_timed_out = last_timed_out
         self.last_duration = last_duration
 
     @classmethod
-    def load(cls, state_dir: str) -> "ShutdownHistory":
+    def load(cls, state_dir: str) -> ShutdownHistory:
         path = os.path.join(state_dir, cls.FILENAME)
         try:
             with open(path, encoding="utf-8") as fh:
@@ -159,3 +175,29 @@ class ShutdownHistory:
             except OSError:
                 pass
             raise
+
+
+class ServiceView(Protocol):
+    """What ``/metrics``, ``/health`` and the HTTP app read from the service, and all they
+    read: :class:`exporter.supervisor.Service` satisfies it, and so does any stand-in with
+    these attributes (tests, benchmarks). Read-only: nothing here is written by a reader."""
+
+    @property
+    def clock(self) -> Clock: ...
+
+    @property
+    def site_states(self) -> Sequence[SiteState]: ...
+
+    @property
+    def shutdown_history(self) -> ShutdownHistory: ...
+
+    @property
+    def instance_id(self) -> str: ...
+
+    @property
+    def running(self) -> bool: ...
+
+    @property
+    def bridge_store(self) -> BridgeStore | None:
+        """The bridged series of every site with ``bridge:``; None when no site has one."""
+        ...

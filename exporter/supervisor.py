@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import gc
 import logging
+import random
 import resource
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gevent
 
+from .bridge import BridgeStore
 from .bridge import build as build_bridges
 from .connection import SiteConnection, drain_until_closed
-from .state import ShutdownHistory, SystemClock
+from .state import Clock, ShutdownHistory, SiteState, SystemClock
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +46,16 @@ def raise_fd_limit(needed: int) -> None:
 
 
 class Service:
-    """Owns the site connections; metrics and health read :attr:`site_states`."""
+    """Owns the site connections. Metrics, health and the HTTP app read it through
+    :class:`exporter.state.ServiceView`, which it satisfies."""
 
-    def __init__(self, settings, clock=None, rng=None):
+    def __init__(self, settings: Settings, clock: Clock | None = None,
+                 rng: random.Random | None = None) -> None:
         self.settings = settings
-        self.clock = clock or SystemClock()
-        # One store for every bridged site; a site without `bridge:` gets bridge=None.
+        self.clock: Clock = clock or SystemClock()
+        # One store for every bridged site (None when no site has `bridge:`); a site without
+        # `bridge:` gets bridge=None.
+        self.bridge_store: BridgeStore | None
         self.bridge_store, bridges = build_bridges(settings, self.clock)
         self.connections = [SiteConnection(site, settings, self.clock, rng,
                                            bridge=bridges.get(site.name))
@@ -58,7 +68,7 @@ class Service:
         return self.settings.instance_id
 
     @property
-    def site_states(self):
+    def site_states(self) -> list[SiteState]:
         return [conn.state for conn in self.connections]
 
     def start(self) -> None:
@@ -85,11 +95,14 @@ class Service:
             for conn in self.connections:
                 conn.stop()
             sockets = [s for s in (c.send_farewell() for c in self.connections) if s is not None]
-            drains = [gevent.spawn(drain_until_closed, s) for s in sockets]
-            gevent.joinall(drains, timeout=max(0.0, deadline - clock.monotonic()))
+            drains = [gevent.spawn(drain_until_closed, s)  # type: ignore[no-untyped-call]
+                      for s in sockets]
+            gevent.joinall(drains,  # type: ignore[no-untyped-call]
+                           timeout=max(0.0, deadline - clock.monotonic()))
             pending = [d for d in drains if not d.dead]
-            gevent.killall(pending, block=False)  # in-process their sockets close as they die;
-            # the CLI exits right after, and the kernel closes them
+            # In-process their sockets close as they die; the CLI exits right after, and the
+            # kernel closes them.
+            gevent.killall(pending, block=False)  # type: ignore[no-untyped-call]
         finally:
             if gc_was_enabled:
                 gc.enable()

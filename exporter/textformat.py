@@ -5,6 +5,8 @@ Shared by the two renderers that write ``/metrics`` straight from state
 """
 from __future__ import annotations
 
+from math import inf
+
 from prometheus_client.utils import floatToGoString
 
 
@@ -17,8 +19,14 @@ def escape_help(text: str) -> str:
     return text.replace("\\", r"\\").replace("\n", r"\n")
 
 
-def format_value(value) -> str:
-    """floatToGoString's spelling, with a shortcut for the common small integers."""
-    if type(value) is int and -10**15 < value < 1_000_000:
+def format_value(value: float) -> str:
+    """floatToGoString's spelling, with shortcuts for the common cases: small integers, and
+    finite floats below 1e6 (which floatToGoString spells as ``repr``: Go switches to an
+    exponent only from 1e6 on, and only for positive values)."""
+    kind = type(value)
+    if kind is int and -10**15 < value < 1_000_000:
         return f"{value}.0"
-    return floatToGoString(value)
+    if kind is float and -inf < value < 1e6:
+        return repr(value)
+    text: str = floatToGoString(value)  # type: ignore[no-untyped-call]
+    return text

@@ -142,7 +142,7 @@ def test_duplicate_instance_id_fires_reconnect_loop_and_resolves(
         assert labels["job"] == JOB and labels["instance"] in targets
         assert labels["site"] in {"site_88", "site_89"}
         assert labels["severity"] == "warning"
-        assert alert["annotations"]["runbook_url"] == "docs/runbook.md#mqttsitereconnectloop"
+        assert alert["annotations"]["runbook_url"] == "docs/operations.md#mqttsitereconnectloop"
         assert f"Site {labels['site']} on {labels['instance']}" in \
             alert["annotations"]["description"]
         assert float(alert["value"]) > 3

@@ -77,3 +77,24 @@ def test_health_report_verbose_fields():
     assert "sites" not in health_report(True, "inst", states, 1000.0)[1]
     json.dumps(body)
 
+
+
+def test_service_health_reads_the_service_view():
+    """/health's view of a service: running, instance_id, site_states and the clock, nothing
+    else (exporter.state.ServiceView)."""
+    from types import SimpleNamespace
+
+    from exporter.health import service_health
+    from tests.support.fakes import FakeClock
+
+    clock = FakeClock(mono=1000.0)
+    states = [st("a"), st("b", "cooldown", cooldown_until_monotonic=1010.0)]
+    service = SimpleNamespace(running=True, instance_id="inst", site_states=states, clock=clock)
+    assert service_health(service) == health_report(True, "inst", states, 1000.0)
+    code, body = service_health(service, verbose=True)
+    assert code == 200 and body["status"] == DEGRADED
+    assert body["sites"][1]["cooldown_remaining_s"] == 10.0
+    clock.advance(4)
+    assert service_health(service, verbose=True)[1]["sites"][1]["cooldown_remaining_s"] == 6.0
+    service.running = False
+    assert service_health(service)[0] == 503

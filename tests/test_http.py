@@ -39,6 +39,8 @@ EXPECTED_TYPES = {
     "mqtt_site_messages_received_total": "counter",
     "mqtt_site_last_message_timestamp_seconds": "gauge",
     "mqtt_site_connect_duration_seconds": "histogram",
+    "mqtt_site_subscriptions_refused_total": "counter",
+    "mqtt_exporter_internal_errors_total": "counter",
     "mqtt_exporter_shutdown_duration_seconds": "histogram",
     "mqtt_exporter_last_shutdown_timed_out": "gauge",
     "mqtt_exporter_build_info": "gauge",
@@ -256,7 +258,8 @@ def test_metrics_names_types_labels_and_promtool(broker, exporter_factory):
                  "mqtt_site_cooldown_active", "mqtt_site_cooldown_remaining_seconds",
                  "mqtt_site_cooldowns_total", "mqtt_site_messages_received_total",
                  "mqtt_site_last_message_timestamp_seconds",
-                 "mqtt_site_connect_duration_seconds_count"):
+                 "mqtt_site_connect_duration_seconds_count",
+                 "mqtt_site_subscriptions_refused_total", "mqtt_exporter_internal_errors_total"):
         assert sorted(s.labels["site"] for s in by[name]) == sorted(sites), name
         assert all(set(s.labels) == {"site"} for s in by[name]), name
 
@@ -290,6 +293,10 @@ def test_metrics_names_types_labels_and_promtool(broker, exporter_factory):
     assert val("mqtt_site_disconnects_total", site="dead", reason="refused") >= 1
     assert val("mqtt_site_connects_total", site="site_a") == 1.0
     assert val("mqtt_site_connect_duration_seconds_count", site="site_a") == 1.0
+    # Exported from 0 for every site (alertable with increase() from the first scrape).
+    for name in sites:
+        assert val("mqtt_site_subscriptions_refused_total", site=name) == 0.0
+        assert val("mqtt_exporter_internal_errors_total", site=name) == 0.0
     # Shutdown histogram: these exact buckets, no labels.
     les = [float(s.labels["le"]) for s in by["mqtt_exporter_shutdown_duration_seconds_bucket"]]
     assert les == list(SHUTDOWN_BUCKETS)

@@ -1,23 +1,60 @@
 """Unit tests of the exposition (exporter/metrics.py), in-process with an injected clock."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.metrics import ServiceCollector, build_registry
-from exporter.state import DISCONNECT_REASONS, REFUSED, SITE_STATES, ShutdownHistory, SiteState
+from exporter.metrics import (
+    COUNTER,
+    DOC_MARKER,
+    FAMILIES,
+    GAUGE,
+    HISTOGRAM,
+    INFO,
+    ServiceCollector,
+    ServiceFamily,
+    SiteFamily,
+    build_registry,
+    make_metrics_app,
+    process_registry,
+    reference_markdown,
+    render_service_text,
+)
+from exporter.state import (
+    COOLDOWN,
+    DISCONNECT_REASONS,
+    REFUSED,
+    SITE_STATES,
+    HistogramData,
+    ShutdownHistory,
+    SiteState,
+)
 from tests.support.fakes import FakeClock
 from tests.support.fakes import site_state as st
 
 pytestmark = pytest.mark.timeout(10)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NEW_FAMILIES = ("mqtt_site_subscriptions_refused_total", "mqtt_exporter_internal_errors_total")
+
+
 class FakeService:
+    """What metrics read of a service (exporter.state.ServiceView)."""
+
     def __init__(self, instance_id, states, history):
         self.clock = FakeClock()
         self.site_states = states
         self.shutdown_history = history
         self.instance_id = instance_id
+        self.running = True
+        self.bridge_store = None
 
 
 def fresh_registry(service) -> CollectorRegistry:
@@ -106,10 +143,6 @@ def test_cooldown_remaining_uses_the_injected_clock(tmp_path):
 def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
     """/metrics renders the service's families itself (5x faster); it must say exactly what
     generate_latest says of the same families."""
-    from types import SimpleNamespace
-
-    from exporter.metrics import render_service_text
-
     clock = FakeClock()
     history = ShutdownHistory.load(str(tmp_path))
     history.record(0.3, True)
@@ -121,6 +154,7 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
                        messages_received=10**7 + i, last_message_at=1.8e9 + i / 7 if i else None,
                        cooldown_until_monotonic=clock.mono + 12.5 if state == "cooldown" else None)
         st.disconnects["takeover"] = i
+        st.subscriptions_refused, st.internal_errors = 2 * i, 10**6 + i
         for v in (0.004, 0.3 * i, 11.0):
             st.connect_duration.observe(v)
         states.append(st)
@@ -128,5 +162,180 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
                               instance_id='bfg "back"')
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(service))
+    text = render_service_text(service)
+    assert text == generate_latest(registry).decode()
+    for name in NEW_FAMILIES:
+        assert f"# TYPE {name} counter\n" in text
+    assert 'mqtt_site_subscriptions_refused_total{site="s-3"} 6.0\n' in text
+    assert 'mqtt_exporter_internal_errors_total{site="s-1"} 1.000001e+06\n' in text
+    # No site at all: headers only, still identical.
+    service.site_states = []
     assert render_service_text(service) == generate_latest(registry).decode()
 
+
+
+# -- the table ---------------------------------------------------------------------------
+
+#: Label names whose values come from configuration or from a fixed set, never from traffic.
+BOUNDED_LABELS = {"site", "state", "reason", "client_id", "broker", "protocol", "version",
+                  "instance_id"}
+UNITS = ("_seconds", "_bytes", "_total", "_info", "_timestamp_seconds")
+
+
+def test_family_table_follows_the_conventions():
+    names = [f.name for f in FAMILIES]
+    assert len(set(names)) == len(names)
+    for fam in FAMILIES:
+        assert fam.help and fam.help.endswith(".") and "\n" not in fam.help, fam.name
+        assert fam.name.startswith(("mqtt_site_", "mqtt_exporter_")), fam.name
+        assert (fam.type == COUNTER) == fam.name.endswith("_total"), fam.name
+        assert (fam.type == INFO) == fam.name.endswith("_info"), fam.name
+        assert set(fam.labels) <= BOUNDED_LABELS, fam.name
+        assert isinstance(fam, SiteFamily) == (fam.labels[:1] == ("site",)), fam.name
+        if fam.each:  # every value exported, from 0: a small fixed set
+            assert fam.labels[-1] in ("state", "reason") and 0 < len(fam.each) <= 10, fam.name
+        # Base units: durations and times in seconds, never ms/minutes/ages.
+        assert not re.search(r"_(ms|milliseconds|minutes|hours|age|kb|mb)(_|$)", fam.name)
+        if "duration" in fam.name or "remaining" in fam.name or "timestamp" in fam.name:
+            assert fam.name.endswith("_seconds"), fam.name
+    # Exposition order of the families that existed before the table: unchanged.
+    assert names[:12] == [
+        "mqtt_site_up", "mqtt_site_state", "mqtt_site_info", "mqtt_site_connects_total",
+        "mqtt_site_disconnects_total", "mqtt_site_reconnect_attempts_total",
+        "mqtt_site_cooldown_active", "mqtt_site_cooldown_remaining_seconds",
+        "mqtt_site_cooldowns_total", "mqtt_site_messages_received_total",
+        "mqtt_site_last_message_timestamp_seconds", "mqtt_site_connect_duration_seconds"]
+    assert names[-3:] == ["mqtt_exporter_shutdown_duration_seconds",
+                          "mqtt_exporter_last_shutdown_timed_out", "mqtt_exporter_build_info"]
+    assert set(NEW_FAMILIES) <= set(names)
+    assert [f.each for f in FAMILIES if f.each] == [SITE_STATES, DISCONNECT_REASONS]
+
+
+def test_every_read_returns_what_its_type_needs(tmp_path):
+    svc = make_service(tmp_path, "inst", ["a"])
+    a = svc.site_states[0]
+    for fam in FAMILIES:
+        got = (fam.read(a, 1000.0) if isinstance(fam, SiteFamily) else fam.read(svc))
+        if fam.type == HISTOGRAM:
+            assert isinstance(got, HistogramData), fam.name
+        elif fam.type == INFO:
+            values = list(got)
+            assert len(values) == len(fam.labels) - isinstance(fam, SiteFamily), fam.name
+            assert all(isinstance(v, str) for v in values), fam.name
+        elif fam.each:
+            assert len(list(got)) == len(fam.each), fam.name
+        else:
+            assert isinstance(got, (int, float)) and not isinstance(got, bool), fam.name
+
+
+@pytest.mark.parametrize("kwargs, problem", [
+    (dict(name="mqtt_site_things", type=COUNTER), "_total"),
+    (dict(name="mqtt_site_things_total", type=GAUGE), "_total"),
+    (dict(name="mqtt_site_facts", type=INFO), "_info"),
+    (dict(name="other_things", type=GAUGE), "start"),
+    (dict(name="mqtt_site_x", type="summary"), "type"),
+    (dict(name="mqtt_site_x", type=GAUGE, help="No period"), "period"),
+    (dict(name="mqtt_site_x", type=GAUGE, labels=("site", "topic")), "besides site"),
+    (dict(name="mqtt_site_x", type=GAUGE, labels=("state", "site"), each=("a",)), "site"),
+    (dict(name="mqtt_site_x", type=HISTOGRAM, labels=("site", "le")), "le"),
+    (dict(name="mqtt_site_x_info", type=INFO, labels=("site", "bad-name")), "label names"),
+])
+def test_a_wrong_entry_fails_at_import(kwargs, problem):
+    kwargs = {"help": "Something.", "read": lambda st, now: 0, **kwargs}
+    with pytest.raises(ValueError, match=problem):
+        SiteFamily(**kwargs)
+
+
+def test_adding_a_family_is_one_entry(tmp_path):
+    """A new entry shows up in the text renderer, in the prometheus_client view (the two
+    byte-identical) and in the reference, with nothing else touched."""
+    extra = (
+        SiteFamily("mqtt_site_test_doubled_total", COUNTER, "Twice the messages.",
+                   read=lambda st, now: 2 * st.messages_received),
+        SiteFamily("mqtt_site_test_flags", GAUGE, "One per flag.", labels=("site", "flag"),
+                   each=("alpha", "zeta"), read=lambda st, now: (1.0, float(st.connects))),
+        SiteFamily("mqtt_site_test_facts_info", INFO, "Facts.", labels=("site", "zz", "aa"),
+                   read=lambda st, now: (st.client_id, 'q"uote')),
+        ServiceFamily("mqtt_exporter_test_sites", GAUGE, "Sites configured.",
+                      read=lambda svc: len(svc.site_states)),
+        ServiceFamily("mqtt_exporter_test_modes", GAUGE, "By mode.", labels=("mode",),
+                      each=("b", "a"), read=lambda svc: (3, 4.5)),
+    )
+    families = FAMILIES + extra
+    svc = make_service(tmp_path, "inst", ["a", "b"])
+    svc.site_states[0].messages_received, svc.site_states[1].connects = 4, 7
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(svc, families))
+    text = render_service_text(svc, families)
+    assert text == generate_latest(registry).decode()
+    assert text.startswith(render_service_text(svc))  # appended after the existing ones
+    assert 'mqtt_site_test_doubled_total{site="a"} 8.0\n' in text
+    assert 'mqtt_site_test_flags{flag="zeta",site="b"} 7.0\n' in text
+    assert 'mqtt_site_test_facts_info{aa="q\\"uote",site="a",zz="a_itest"} 1.0\n' in text
+    assert "mqtt_exporter_test_sites 2.0\n" in text
+    assert 'mqtt_exporter_test_modes{mode="a"} 4.5\n' in text
+    assert registry.get_sample_value("mqtt_site_test_flags", {"site": "a", "flag": "alpha"}) == 1
+    assert "| `mqtt_site_test_flags` | gauge | `site`, `flag` (alpha, zeta) |" in \
+        reference_markdown(families)
+
+
+def test_new_families_exported_from_zero_and_counting(tmp_path):
+    svc = make_service(tmp_path, "inst", ["a", "b"])
+    for name in NEW_FAMILIES:
+        for site in ("a", "b"):
+            assert value(samples(fresh_registry(svc)), name, site=site) == 0.0
+    svc.site_states[0].subscriptions_refused += 2
+    svc.site_states[1].internal_errors += 1
+    smp = samples(fresh_registry(svc))
+    assert value(smp, "mqtt_site_subscriptions_refused_total", site="a") == 2
+    assert value(smp, "mqtt_site_subscriptions_refused_total", site="b") == 0
+    assert value(smp, "mqtt_exporter_internal_errors_total", site="a") == 0
+    assert value(smp, "mqtt_exporter_internal_errors_total", site="b") == 1
+    text = render_service_text(svc)
+    assert 'mqtt_site_subscriptions_refused_total{site="a"} 2.0\n' in text
+    assert 'mqtt_exporter_internal_errors_total{site="b"} 1.0\n' in text
+
+
+def test_up_and_cooldown_follow_the_state_constants(tmp_path):
+    svc = make_service(tmp_path, "inst", list(SITE_STATES))
+    for state, site in zip(SITE_STATES, svc.site_states):
+        site.state = state
+    smp = samples(fresh_registry(svc))
+    for state in SITE_STATES:
+        assert value(smp, "mqtt_site_up", site=state) == (state == "connected")
+        assert value(smp, "mqtt_site_cooldown_active", site=state) == (state == COOLDOWN)
+
+
+def test_metrics_app_serves_the_table_then_the_process_collector(tmp_path):
+    svc = make_service(tmp_path, "inst", ["a"])
+    app = make_metrics_app(svc, process_registry())
+    got = {}
+    body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics"},
+                        lambda status, headers: got.update(status=status, headers=headers)))
+    assert got["status"] == "200 OK"
+    text = body.decode()
+    assert text.startswith(render_service_text(svc))
+    assert "# TYPE process_cpu_seconds_total counter" in text
+    assert dict(got["headers"])["Content-Length"] == str(len(body))
+
+
+def test_docs_metrics_md_is_generated_from_the_code():
+    with open(os.path.join(ROOT, "docs", "metrics.md"), encoding="utf-8") as fh:
+        head, marker, generated = fh.read().partition(DOC_MARKER)
+    assert marker, "docs/metrics.md lost its marker line"
+    assert generated == "\n\n" + reference_markdown(), (
+        "docs/metrics.md is stale: python -m exporter.metrics --write docs/metrics.md")
+    for name in NEW_FAMILIES:  # the intro shows how to use the new families
+        assert f"increase({name}" in head
+    for fam in FAMILIES:
+        assert f"| `{fam.name}` |" in generated
+    for prefix in ("mqtt_bridge_messages_total", "mqtt_bridge_payload_errors_total",
+                   "process_cpu_seconds_total"):
+        assert f"| `{prefix}` |" in generated
+
+
+def test_reference_cli_prints_the_reference():
+    proc = subprocess.run([sys.executable, "-m", "exporter.metrics"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == reference_markdown()

@@ -7,35 +7,13 @@ import struct
 import threading
 import time
 
+from exporter import wire
+from exporter.wire import decode_varint as _read_varint
+from exporter.wire import read_string as _read_str
+
 from .net import HOST
 
 # --------------------------------------------------------------------------- fake MQTT 5 peer
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
-    mult, val = 1, 0
-    for _ in range(4):
-        b = buf[i]
-        i += 1
-        val += (b & 0x7F) * mult
-        if not b & 0x80:
-            return val, i
-        mult *= 128
-    raise ValueError("malformed variable byte integer")
-
-
-def _read_str(buf: bytes, i: int) -> tuple[bytes, int]:
-    n = int.from_bytes(buf[i:i + 2], "big")
-    return buf[i + 2:i + 2 + n], i + 2 + n
 
 
 @dataclasses.dataclass
@@ -97,21 +75,29 @@ class FakeV5Broker:
     id)], ``connects`` [ConnectInfo], ``published`` [(monotonic, topic, payload, qos, retain)],
     ``kicks`` [(monotonic, client id)], ``pubacks`` [packet id] sent by the client.
     ``suback_code`` overrides every SUBACK return code (0x80: refused, as an ACL would),
-    ``after_suback`` is written right after each SUBACK (scripted traffic for the client),
-    and ``reset_on_accept`` resets every connection as soon as the kernel accepted it (a
-    broker dying right after accept), counting them in ``accepted``.
+    ``after_suback`` is written right after each SUBACK (scripted traffic for the client);
+    with ``dribble=(n, interval)`` it is written ``n`` bytes every ``interval`` seconds, the
+    way a slow link delivers it (packets from the client are answered only once it is all
+    written, as a broker queues its replies behind a message in flight), and
+    ``after_suback_done`` records (monotonic) when each one was fully written.
+    ``reset_on_accept`` resets every connection as soon as the kernel accepted it (a
+    broker dying right after accept), counting them in ``accepted``. ``disconnects``
+    records [(monotonic, client id, reason code or None)] for each DISCONNECT received.
     """
 
     host = HOST
 
     def __init__(self, kick_after: float | None = None, kick_reason: int = 0x8E,
                  suback_code: int | None = None, after_suback: bytes = b"",
-                 reset_on_accept: bool = False):
+                 reset_on_accept: bool = False, dribble: tuple[int, float] | None = None):
         self.kick_after = kick_after
         self.kick_reason = kick_reason
         self.suback_code = suback_code
         self.after_suback = after_suback
         self.reset_on_accept = reset_on_accept
+        self.dribble = dribble
+        self.after_suback_done: list[float] = []
+        self.disconnects: list[tuple[float, str, int | None]] = []
         self.accepted = 0
         self.pubacks: list[bytes] = []
         self.connections: list[tuple[float, str]] = []
@@ -139,7 +125,7 @@ class FakeV5Broker:
         while not self._closed.is_set():
             try:
                 conn, _ = self._srv.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -160,7 +146,7 @@ class FakeV5Broker:
                 return None
             try:
                 chunk = conn.recv(n - len(buf))
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return None
@@ -226,11 +212,11 @@ class FakeV5Broker:
                     with self._lock:
                         self.connects.append(info)
                         self.connections.append((info.time, info.client_id))
-                    send(b"\x20\x03\x00\x00\x00" if info.protocol_level == 5 else b"\x20\x02\x00\x00")
+                    send(wire.connack(v5=info.protocol_level == 5))
                     if self.kick_after is not None:
                         self._spawn(kick)
                 elif ptype == 12:  # PINGREQ
-                    send(b"\xd0\x00")
+                    send(wire.PINGRESP)
                 elif ptype == 8:  # SUBSCRIBE
                     pid, i = body[:2], 2
                     if v5:
@@ -242,8 +228,8 @@ class FakeV5Broker:
                         codes.append(min(body[i] & 0x03, 1) if self.suback_code is None
                                      else self.suback_code)
                         i += 1
-                    payload = pid + (b"\x00" if v5 else b"") + bytes(codes)
-                    send(b"\x90" + _varint(len(payload)) + payload + self.after_suback)
+                    send(wire.suback(int.from_bytes(pid, "big"), codes, v5))
+                    self._send_after_suback(send, state)
                 elif ptype == 10:  # UNSUBSCRIBE
                     pid, i = body[:2], 2
                     if v5:
@@ -254,7 +240,7 @@ class FakeV5Broker:
                         _, i = _read_str(body, i)
                         n += 1
                     payload = pid + (b"\x00" + b"\x00" * n if v5 else b"")
-                    send(b"\xb0" + _varint(len(payload)) + payload)
+                    send(b"\xb0" + wire.encode_varint(len(payload)) + payload)
                 elif ptype == 3:  # PUBLISH
                     qos, retain = (first >> 1) & 3, bool(first & 1)
                     topic, i = _read_str(body, 0)
@@ -277,6 +263,9 @@ class FakeV5Broker:
                 elif ptype == 6:  # PUBREL
                     send(b"\x70\x02" + body[:2])
                 elif ptype == 14:  # DISCONNECT
+                    with self._lock:
+                        self.disconnects.append(
+                            (time.monotonic(), state["cid"], body[0] if body else None))
                     return
         except (IndexError, ValueError):
             return  # malformed: drop the connection
@@ -289,6 +278,24 @@ class FakeV5Broker:
                 conn.close()
             except OSError:
                 pass
+
+    def _send_after_suback(self, send, state: dict) -> None:
+        data = self.after_suback
+        if not data:
+            return
+        if self.dribble is None:
+            send(data)
+        else:
+            step, interval = self.dribble
+            for i in range(0, len(data), step):
+                if i and self._closed.wait(interval):  # pacing, not synchronisation
+                    return
+                if state["gone"]:
+                    return
+                send(data[i:i + step])
+        if not state["gone"]:
+            with self._lock:
+                self.after_suback_done.append(time.monotonic())
 
     def client_ids(self) -> list[str]:
         with self._lock:

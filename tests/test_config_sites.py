@@ -1,8 +1,8 @@
-"""Tests for exporter.config: env + sites file validation, defaults, and secret hygiene."""
+"""Tests for exporter.config.sites: the sites file, every site key, and secret hygiene.
+
+The helpers (GOOD, write_sites, load, errors_of) are shared with the other test_config_* files."""
 
 from __future__ import annotations
-
-import socket
 
 import pytest
 import yaml
@@ -13,8 +13,6 @@ from exporter.config import (
     SITE_NAME_RE,
     ConfigError,
     Secret,
-    Settings,
-    SiteConfig,
     load_settings,
     summarize_site,
 )
@@ -94,9 +92,11 @@ def test_bad_site_is_reported_with_file_site_and_key(tmp_path, site, key, messag
     "site, expected",
     [
         ({"host": "h"}, "site #2: key 'name': required"),
-        ({"name": "bad name!", "host": "h"}, "site #2: key 'name': invalid name 'bad name!': use only letters, digits, '_' and '-'"),
+        ({"name": "bad name!", "host": "h"},
+         "site #2: key 'name': invalid name 'bad name!': use only letters, digits, '_' and '-'"),
         ({"name": 7, "host": "h"}, "site #2: key 'name': expected string, got integer"),
-        ({"name": "first", "host": "h"}, "site 'first' (#2): key 'name': duplicate name; already used by site #1"),
+        ({"name": "first", "host": "h"},
+         "site 'first' (#2): key 'name': duplicate name; already used by site #1"),
     ],
     ids=["missing", "invalid", "not a string", "duplicate"],
 )
@@ -109,15 +109,18 @@ def test_bad_name_is_reported_by_index(tmp_path, site, expected):
     "content, expected",
     [
         (None, "file not found"),
-        ("sites: [\n  {name: a\n", "invalid YAML at line 3, column 1: expected ',' or '}', but got '<stream end>'"),
+        ("sites: [\n  {name: a\n",
+         "invalid YAML at line 3, column 1: expected ',' or '}', but got '<stream end>'"),
         ("- name: a\n", "top level must be a mapping with a 'sites' list, got list"),
         ("", "top level must be a mapping with a 'sites' list, got null"),
         ("{}\n", "missing 'sites' list"),
         ("sites: {name: a}\n", "'sites' must be a list, got mapping"),
         ("sites: []\n", "no sites configured"),
-        ("sites: [{name: a, host: h}]\nsite: []\n", "top-level key 'site': unknown key; did you mean 'sites'?"),
+        ("sites: [{name: a, host: h}]\nsite: []\n",
+         "top-level key 'site': unknown key; did you mean 'sites'?"),
         ("sites: [[1]]\n", "site #1: must be a mapping, got list"),
-        ("sites:\n  - name: a\n    host: h\n    host: i\n", "invalid YAML at line 4, column 5: duplicate key 'host'"),
+        ("sites:\n  - name: a\n    host: h\n    host: i\n",
+         "invalid YAML at line 4, column 5: duplicate key 'host'"),
         (b"\xff\xfe", "cannot read file: not valid UTF-8"),
     ],
     ids=["missing", "invalid yaml", "list", "empty file", "no sites key", "sites mapping",
@@ -148,106 +151,22 @@ def test_all_problems_in_one_file_are_reported(tmp_path):
     ])
 
 
-# --- environment ----------------------------------------------------------------------
-
-
-def test_env_errors_are_collected_with_site_errors(tmp_path):
-    errors = errors_of(
-        tmp_path, [{**GOOD, "port": 0}],
-        MQTT_KEEP_ALIVE="abc", MQTT_CLEAN_SESSION="maybe", EXPORTER_LISTEN="nonsense", LOG_FORMAT="xml",
-    )
-    assert len(errors) == 5, errors
-    for var in ("MQTT_KEEP_ALIVE", "MQTT_CLEAN_SESSION", "EXPORTER_LISTEN", "LOG_FORMAT"):
-        assert any(e.startswith(f"environment: {var}: ") for e in errors), var
-    assert any("key 'port'" in e for e in errors)
-
-
-@pytest.mark.parametrize(
-    "var, value",
-    [
-        ("MQTT_KEEP_ALIVE", "0"),
-        ("MQTT_SHUTDOWN_TIMEOUT", "0"),
-        ("MQTT_COOLDOWN_SECONDS", "-1"),
-        ("MQTT_BACKOFF_MIN_SECONDS", "0"),
-        ("MQTT_STABLE_SECONDS", "x"),
-        ("MQTT_CONNECT_TIMEOUT", "-2"),
-        ("MQTT_LWT_ENABLED", "sometimes"),
-        ("MQTT_STATE_DIR", ""),
-        ("LOG_LEVEL", "verbose"),
-        ("EXPORTER_LISTEN", "::1:8000"),
-        ("EXPORTER_LISTEN", "0.0.0.0:0"),
-        ("EXPORTER_LISTEN", ":8000"),
-        ("MQTT_BACKOFF_MAX_SECONDS", "0.5"),
-    ],
-)
-def test_bad_env_value(tmp_path, var, value):
-    [error] = errors_of(tmp_path, [GOOD], **{var: value})
-    assert error.startswith(f"environment: {var}: ")
-
-
-def test_defaults(tmp_path):
-    settings = load(tmp_path, [GOOD])
-    assert settings == Settings(
-        sites_file=str(tmp_path / "sites.yml"),
-        instance_id=socket.gethostname(),
-        sites=(SiteConfig(name="good", host="broker.example.org", port=1883, topics=("good/#",)),),
-    )
-
-
-def test_env_values_are_parsed(tmp_path):
-    write_sites(tmp_path, [GOOD], name="other.yml")
-    settings = load(
-        tmp_path, MQTT_SITES_FILE="other.yml", MQTT_INSTANCE_ID="bfg_back", MQTT_CLEAN_SESSION="false",
-        MQTT_LWT_ENABLED="no", MQTT_KEEP_ALIVE="30", MQTT_SHUTDOWN_TIMEOUT="2.5", MQTT_COOLDOWN_SECONDS="0",
-        MQTT_STATE_DIR="/var/lib/x", EXPORTER_LISTEN="[::1]:9100", LOG_LEVEL="debug", LOG_FORMAT="JSON",
-        MQTT_BACKOFF_MIN_SECONDS="2", MQTT_BACKOFF_MAX_SECONDS="2", MQTT_STABLE_SECONDS="20",
-        MQTT_CONNECT_TIMEOUT="3",
-    )
-    assert settings == Settings(
-        sites_file=str(tmp_path / "other.yml"), instance_id="bfg_back", clean_session=False,
-        lwt_enabled=False, keepalive=30, shutdown_timeout=2.5, cooldown_seconds=0.0,
-        state_dir="/var/lib/x", listen_host="::1", listen_port=9100, log_level="DEBUG",
-        log_format="json", backoff_min_seconds=2.0, backoff_max_seconds=2.0, stable_seconds=20.0,
-        connect_timeout=3.0, sites=settings.sites,
-    )
-    assert settings.sites[0].keepalive == 30
-
-
+# --- defaults -------------------------------------------------------------------------
 def test_site_defaults_and_overrides(tmp_path):
     sites = [
         {"name": "plain", "host": "h"},
         {"name": "secure", "host": "h", "tls": True, "protocol": 5, "keepalive": 120},
-        {"name": "v6", "host": "::1", "port": 1884, "protocol": "5", "enabled": False, "topics": ["a/+/b", "#"]},
+        {"name": "v6", "host": "::1", "port": 1884, "protocol": "5", "enabled": False,
+         "topics": ["a/+/b", "#"]},
     ]
     plain, secure, v6 = load(tmp_path, sites, MQTT_KEEP_ALIVE="30").sites
-    assert (plain.port, plain.protocol, plain.topics, plain.keepalive, plain.tls) == (1883, "3.1.1", ("plain/#",), 30, False)
+    assert (plain.port, plain.protocol, plain.topics, plain.keepalive, plain.tls) == (
+        1883, "3.1.1", ("plain/#",), 30, False)
     assert (secure.port, secure.protocol, secure.keepalive, secure.tls) == (8883, "5", 120, True)
     assert (v6.broker, v6.enabled, v6.topics) == ("[::1]:1884", False, ("a/+/b", "#"))
     assert plain.broker == "h:1883"
     assert plain.client_id("bfg_back") == "plain_ibfg_back"
     assert plain.status_topic == "plain/backend/status"
-
-
-def test_dotenv_is_read_when_environ_is_none_and_process_env_wins(tmp_path, monkeypatch):
-    for var in ("MQTT_SITES_FILE", "MQTT_INSTANCE_ID", "MQTT_KEEP_ALIVE", "LOG_LEVEL", "SITE_PW"):
-        monkeypatch.delenv(var, raising=False)
-    write_sites(tmp_path, [{**GOOD, "password_env": "SITE_PW", "username": "u"}], name="from-dotenv.yml")
-    (tmp_path / ".env").write_text(
-        "MQTT_SITES_FILE=from-dotenv.yml\nMQTT_KEEP_ALIVE=30\nLOG_LEVEL=debug\nSITE_PW=dotenv-pw\n"
-    )
-    monkeypatch.setenv("MQTT_KEEP_ALIVE", "45")
-    monkeypatch.chdir(tmp_path)
-    settings = load_settings()
-    assert settings.sites_file == str(tmp_path / "from-dotenv.yml")
-    assert (settings.keepalive, settings.log_level) == (45, "DEBUG")
-    assert settings.sites[0].password.reveal() == "dotenv-pw"
-
-
-def test_injected_environ_ignores_dotenv_and_process_env(tmp_path, monkeypatch):
-    (tmp_path / ".env").write_text("LOG_LEVEL=debug\n")
-    monkeypatch.setenv("MQTT_KEEP_ALIVE", "45")
-    settings = load(tmp_path, [GOOD])
-    assert (settings.keepalive, settings.log_level) == (60, "INFO")
 
 
 # --- secrets --------------------------------------------------------------------------

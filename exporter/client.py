@@ -1,0 +1,236 @@
+"""The paho boundary: the one module that touches paho's private attributes.
+
+paho's public surface for an external loop is ``socket()``, ``loop_read()``,
+``loop_write()``, ``loop_misc()`` and ``want_write()``. The exporter needs three things
+beyond it, all confined here and pinned by tests/test_client.py, which drives the real
+paho client through this module (the gate for moving the ``paho-mqtt<2.3`` pin):
+
+- :class:`InboundReader` replaces ``_sock_recv`` to feed paho from a 64 KB buffer, and
+  refreshes ``_last_bytes_received`` for every chunk it takes from the socket: paho counts
+  every received byte as keepalive traffic, including the bytes of the QoS 0 PUBLISH
+  packets it never sees (a large message on a slow link must not time out while arriving);
+- :func:`drop_socket` (``_sock_close``) and :func:`detach_socket` (``_sock = None``).
+
+It also builds the client (:func:`build_client`) so that no exception vanishes: our
+callbacks are wrapped by an :class:`ErrorReporter` (logged with traceback, rate-limited per
+site, counted in ``SiteState.internal_errors``), paho's own log goes to the ``exporter.paho``
+logger with the site, and ``suppress_exceptions`` stays on as a second net.
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from .wire import Deliver, walk
+
+if TYPE_CHECKING:
+    from .config import SiteConfig
+    from .state import SiteState
+
+RECV_SIZE = 65536
+#: Shortest interval between two logged internal errors of one site; the ones in between
+#: are counted and the count is logged with the next one.
+ERROR_LOG_INTERVAL = 60.0
+#: paho's own log records (warnings and errors) go here, with the site in ``extra``.
+PAHO_LOG = logging.getLogger("exporter.paho")
+_NOT_READY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+Callback = Callable[..., None]
+
+
+class MonotonicClock(Protocol):
+    def monotonic(self) -> float: ...
+
+
+class ErrorReporter:
+    """Exceptions caught in one site's own code: counted, logged with a traceback.
+
+    Every one increments ``state.internal_errors``. The first is logged at once; after
+    that at most one per ``interval`` seconds (monotonic time of the injected clock) is
+    logged, with the number of those suppressed in between.
+    """
+
+    def __init__(self, state: SiteState, log: logging.LoggerAdapter[logging.Logger],
+                 clock: MonotonicClock, interval: float = ERROR_LOG_INTERVAL) -> None:
+        self.state = state
+        self.log = log
+        self.clock = clock
+        self.interval = interval
+        self._next_log_at: float | None = None
+        self._suppressed = 0
+
+    def report(self, where: str, exc: BaseException) -> None:
+        """Count ``exc`` (raised in ``where``) and log it unless the site logged one lately."""
+        self.state.internal_errors += 1
+        now = self.clock.monotonic()
+        if self._next_log_at is not None and now < self._next_log_at:
+            self._suppressed += 1
+            return
+        suppressed, self._suppressed = self._suppressed, 0
+        self._next_log_at = now + self.interval
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        self.log.error("Internal error in %s, dropped and counted%s: %r", where, more, exc,
+                       exc_info=(type(exc), exc, exc.__traceback__))
+
+    def guard(self, fn: Callback, where: str) -> Callback:
+        """``fn`` with every Exception it raises reported instead of raised."""
+        def guarded(*args: Any) -> None:
+            try:
+                fn(*args)
+            except Exception as exc:  # a bug costs one callback, not the link
+                self.report(where, exc)
+        guarded.__name__ = getattr(fn, "__name__", where)
+        return guarded
+
+
+class _PahoLog(logging.LoggerAdapter[logging.Logger]):
+    """paho's ``_easy_log`` target: warnings and errors only (its debug lines are per packet).
+
+    An exception paho caught in a callback (``suppress_exceptions``) is also counted: our
+    callbacks are guarded, so that would be one that slipped past the guard.
+    """
+
+    def __init__(self, site: str, errors: ErrorReporter | None) -> None:
+        super().__init__(PAHO_LOG, {"site": site})
+        self.errors = errors
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level < logging.WARNING:
+            return
+        if (self.errors is not None and level >= logging.ERROR
+                and str(msg).startswith("Caught exception")):
+            self.errors.state.internal_errors += 1
+        super().log(level, msg, *args, **kwargs)
+
+
+def build_client(site: SiteConfig, client_id: str, *, clean_session: bool,
+                 connect_timeout: float, will: tuple[str, bytes] | None,
+                 errors: ErrorReporter, on_connect: Callback, on_disconnect: Callback,
+                 on_message: Callback, on_subscribe: Callback) -> mqtt.Client:
+    """A paho client (callback API 2, paho's reconnect off) for ``site``.
+
+    ``will`` is ``(topic, payload)`` sent QoS 1 retained. Every callback is guarded by
+    ``errors``; paho's log goes to ``exporter.paho`` with the site.
+    """
+    if site.protocol == "5":
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             reconnect_on_failure=False, protocol=mqtt.MQTTv5)
+    else:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                             reconnect_on_failure=False, protocol=mqtt.MQTTv311,
+                             clean_session=clean_session)
+    client.connect_timeout = connect_timeout
+    client.max_queued_messages_set(16)
+    client.suppress_exceptions = True  # second net: a callback error drops one message
+    client.enable_logger(cast(logging.Logger, _PahoLog(site.name, errors)))
+    if site.username:
+        client.username_pw_set(site.username,
+                               site.password.reveal() if site.password else None)
+    if site.tls:
+        client.tls_set(ca_certs=site.ca_file)
+    if will is not None:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    client.on_connect = errors.guard(on_connect, "on_connect")
+    client.on_disconnect = errors.guard(on_disconnect, "on_disconnect")
+    client.on_message = errors.guard(on_message, "on_message")
+    client.on_subscribe = errors.guard(on_subscribe, "on_subscribe")
+    return client
+
+
+def drop_socket(client: mqtt.Client) -> None:
+    """Close the client's socket without any packet or callback (paho has no public call)."""
+    if client.socket() is not None:
+        client._sock_close()
+
+
+def detach_socket(client: mqtt.Client) -> None:
+    """Make paho forget its socket, which the caller now owns (and closes)."""
+    client._sock = None
+
+
+class InboundReader:
+    """Buffered inbound reads for one connection: the ingest hot path.
+
+    paho reads every packet with three or more ``recv()`` calls and builds a message
+    object per PUBLISH. This reader takes what the socket has in one ``recv()`` of up to
+    64 KB and walks the packets with :func:`exporter.wire.walk`: QoS 0 PUBLISH packets go
+    straight to ``deliver(topic, payload)`` once ``fast_path_enabled()`` (CONNACK seen);
+    every other packet is fed whole to paho through its ``_sock_recv`` hook, so paho's state
+    machine stays whole. Each :meth:`read` handles one chunk, so the hub runs in between.
+    """
+
+    def __init__(self, client: mqtt.Client, deliver: Deliver, v5: bool,
+                 fast_path_enabled: Callable[[], bool],
+                 on_error: Callable[[Exception], object]) -> None:
+        sock = client.socket()
+        if sock is None:
+            raise ValueError("the client has no socket")
+        self.client = client
+        self.sock = sock
+        self.deliver = deliver
+        self.v5 = v5
+        self.fast_path_enabled = fast_path_enabled
+        self.on_error = on_error
+        self.buf = bytearray()
+        self._paho_pos = 0     # paho's read cursor in buf ...
+        self._paho_limit = 0   # ... and the end of the packet it may read
+        self._end: bytes | OSError | None = None   # b"" on EOF, the error on a failed recv
+        client._sock_recv = self._paho_recv  # type: ignore[method-assign]
+
+    def _paho_recv(self, bufsize: int) -> bytes:
+        pos = self._paho_pos
+        n = min(bufsize, self._paho_limit - pos)
+        if n <= 0:
+            if self._end is None:
+                raise BlockingIOError
+            if isinstance(self._end, OSError):
+                raise self._end
+            return b""
+        self._paho_pos = pos + n
+        return bytes(self.buf[pos:pos + n])
+
+    def _hand_over(self, start: int, end: int) -> bool:
+        self._paho_pos, self._paho_limit = start, end
+        return bool(self.client.loop_read())
+
+    def read(self) -> bool:
+        """Read what the socket has and handle every complete packet.
+
+        Returns True when the connection ended (paho has called on_disconnect).
+        """
+        sock = self.sock
+        data: bytes | OSError
+        try:
+            data = sock.recv(RECV_SIZE)
+            pending = getattr(sock, "pending", None)  # TLS may hold decrypted bytes
+            while data and pending is not None and pending():
+                data += sock.recv(RECV_SIZE)
+        except _NOT_READY:
+            return False
+        except OSError as exc:
+            data = exc
+        if isinstance(data, bytes) and data:
+            # Bytes received are keepalive traffic for paho, whoever parses them.
+            self.client._last_bytes_received = mqtt.time_func()
+            self.buf += data
+            return self.dispatch()
+        if self.dispatch():
+            return True
+        # Let paho see the end of the stream the way it would have seen it on its own.
+        self._end = data
+        self._paho_pos = self._paho_limit = len(self.buf)
+        self.client.loop_read()
+        return True
+
+    def dispatch(self) -> bool:
+        """Handle the complete packets in the buffer; keep a trailing partial one."""
+        try:
+            return walk(self.buf, self.v5, self.fast_path_enabled, self.deliver,
+                        self.on_error, self._hand_over)
+        finally:
+            self._paho_pos = self._paho_limit = 0
