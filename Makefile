@@ -10,6 +10,10 @@ VENV_PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 SITES_FILE ?= examples/sites.yml
+# amqtt (a broker that never kicks a duplicate client ID) in its own venv, for the tests.
+AMQTT_VENV := .venv-amqtt
+AMQTT_BIN := $(AMQTT_VENV)/bin/amqtt
+AMQTT_VERSION := 0.12.1
 
 .PHONY: venv deps test lint demo bench check-config clean
 
@@ -24,7 +28,12 @@ $(STAMP): setup.cfg pyproject.toml
 deps:
 	PYTHON=$(PYTHON) bash scripts/ensure-deps.sh prometheus amtool docker-compose
 
-test: deps venv
+# Its own venv: amqtt's dependencies must not touch the project venv.
+$(AMQTT_BIN):
+	test -x $(AMQTT_VENV)/bin/python || $(PYTHON) -m venv $(AMQTT_VENV)
+	$(AMQTT_VENV)/bin/pip install -q amqtt==$(AMQTT_VERSION)
+
+test: deps venv $(AMQTT_BIN)
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
@@ -35,7 +44,7 @@ demo: deps venv
 	bash scripts/ensure-deps.sh mosquitto_sub
 	$(VENV_PY) scripts/demo.py
 
-bench: deps venv
+bench: deps venv $(AMQTT_BIN)
 	$(VENV_PY) -m bench
 
 # Validate a sites file without connecting anywhere (default: the demo one).
@@ -43,5 +52,5 @@ check-config: venv
 	MQTT_SITES_FILE=$(SITES_FILE) $(VENV_PY) -m exporter check-config
 
 clean:
-	rm -rf $(VENV) .demo build dist *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(AMQTT_VENV) .demo build dist *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

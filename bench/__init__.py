@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import bridge, kill_offline, scrape, shutdown
+from . import bridge, duplicates, kill_offline, scrape, shutdown
 from .common import BenchContext, BenchResult
 
 BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
@@ -16,4 +16,5 @@ BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
     "kill_offline": kill_offline.run,
     "bridge": bridge.run,
     "scrape": scrape.run,
+    "duplicates": duplicates.run,
 }

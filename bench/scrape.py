@@ -59,7 +59,7 @@ def _service(bridged: bool):
             st.connect_duration.observe(0.004)
     return types.SimpleNamespace(clock=clock, site_states=states, instance_id="bench",
                                  shutdown_history=ShutdownHistory("/nonexistent/none"),
-                                 bridge_store=store)
+                                 bridge_store=store, brokers=[], running=True)
 
 
 def _get(app, gzip: bool) -> tuple[float, int]:

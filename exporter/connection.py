@@ -5,9 +5,16 @@ which breaks above fd 1024) and calls paho's ``loop_read``/``loop_write``/``loop
 Reconnects are ours, not paho's (see :mod:`exporter.reconnect`). The state it keeps in
 :class:`~exporter.state.SiteState` is what metrics and health read.
 
+Presence (docs/duplicates.md): on every connect the site subscribes to its presence topic
+and publishes our retained record; records arriving there go to the site's
+:class:`~exporter.presence.DuplicateTracker` (never counted as site traffic), which tells
+when to reply or refresh. While a duplicate is identified the reconnect policy grows the
+cooldown; a takeover without one opens an unknown-peer episode.
+
 Graceful close is split for a parallel shutdown: :meth:`SiteConnection.send_farewell`
-writes the final ``offline`` status and DISCONNECT as one non-blocking send and
-half-closes the socket; :func:`drain_until_closed` then waits for the broker's close.
+writes the presence tombstone, the final ``offline`` status and DISCONNECT as one
+non-blocking send and half-closes the socket; :func:`drain_until_closed` then waits for
+the broker's close.
 
 Everything that touches paho's internals is in :mod:`exporter.client`, every byte layout
 in :mod:`exporter.wire`.
@@ -19,6 +26,7 @@ import random
 import socket
 import ssl
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import gevent
@@ -28,12 +36,23 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .client import ErrorReporter, InboundReader, build_client, detach_socket, drop_socket
-from .reconnect import ConnectionEnd, ReconnectPolicy
-from .state import BACKOFF, CONNECTED, CONNECTING, COOLDOWN, DISABLED, STOPPING, SiteState
-from .wire import farewell_packets
+from .presence import DuplicateTracker, Identity, RecordTemplate
+from .reconnect import KEEP_ALIVE_TIMEOUT, SESSION_TAKEN_OVER, ConnectionEnd, ReconnectPolicy
+from .state import (
+    BACKOFF,
+    CONNECTED,
+    CONNECTING,
+    COOLDOWN,
+    DISABLED,
+    STOPPING,
+    TAKEOVER,
+    SiteState,
+)
+from .wire import FAREWELL_PRESENCE_ID, farewell_packets, publish
 
 if TYPE_CHECKING:
     from .bridge import SiteBridge
+    from .brokers import BrokerView
     from .config import Settings, SiteConfig
 
 log = logging.getLogger(__name__)
@@ -66,7 +85,8 @@ class SiteConnection:
     """Keeps one site connected, with our backoff and the takeover cooldown."""
 
     def __init__(self, site: SiteConfig, settings: Settings, clock: Clock,
-                 rng: random.Random | None = None, bridge: SiteBridge | None = None) -> None:
+                 rng: random.Random | None = None, bridge: SiteBridge | None = None, *,
+                 identity: Identity | None = None, broker: BrokerView | None = None) -> None:
         self.site = site
         self.bridge = bridge  # exporter.bridge.SiteBridge or None: ingest(topic, payload)
         self.settings = settings
@@ -76,8 +96,24 @@ class SiteConnection:
                                protocol=site.protocol, enabled=site.enabled,
                                state=CONNECTING if site.enabled else DISABLED)
         self.policy = ReconnectPolicy(settings.backoff_min_seconds, settings.backoff_max_seconds,
-                                      settings.stable_seconds, settings.cooldown_seconds, rng)
+                                      settings.stable_seconds, settings.cooldown_seconds, rng,
+                                      cooldown_max=settings.duplicate_cooldown_max_seconds)
         self.log = logging.LoggerAdapter(log, {"site": site.name})
+        #: The broker endpoint's view (shared with its other sites): tells a broker event
+        #: from a takeover. None: the site cannot tell (the evidence rule alone).
+        self.broker = broker
+        #: Presence records need our identity; without one (or MQTT_PRESENCE_ENABLED=false)
+        #: only unknown-peer episodes are tracked, from takeover evidence.
+        self.presence = identity is not None and settings.presence_enabled
+        self.identity = identity or Identity.new(settings.instance_id, clock.time())
+        self.tracker = DuplicateTracker(self.identity, self.client_id, self.state, clock,
+                                        self.log,
+                                        echo_interval=settings.presence_interval_seconds)
+        self._record = RecordTemplate(self.identity, self.client_id)
+        self._presence_topic = site.presence_topic
+        self._presence_mid: int | None = None
+        #: Our current takeover cooldown, as our record announces it.
+        self._cooldown = settings.cooldown_seconds
         self._status_topic = site.status_topic
         self._farewell = farewell_packets(site.status_topic, site.protocol,
                                           settings.lwt_enabled, OFFLINE)
@@ -94,6 +130,7 @@ class SiteConnection:
             on_disconnect=self._on_disconnect, on_message=self._on_message,
             on_subscribe=self._on_subscribe)
         self._end: ConnectionEnd | None = None
+        self._farewell_sent = False
         self._connack_ok = False
         self._attempt_started = 0.0
 
@@ -119,6 +156,12 @@ class SiteConnection:
         st.connect_duration.observe(now - self._attempt_started)
         if self.settings.lwt_enabled:
             client.publish(self.site.status_topic, ONLINE, qos=1, retain=True)
+        if self.presence:
+            # Subscribe first: the broker then delivers the previous holder's retained
+            # record before ours replaces it.
+            self._presence_mid = client.subscribe(self._presence_topic, qos=1)[1]
+            self.tracker.connection_started()
+            self._publish_record(client)
         client.subscribe([(topic, 0) for topic in self.site.topics])
         self.log.info("Connected to %s as %s", self.site.broker, self.client_id)
 
@@ -139,7 +182,12 @@ class SiteConnection:
     def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
                       reason_codes: list[Any], properties: Any) -> None:
         refused = [str(rc) for rc in reason_codes if rc.is_failure]
-        if refused:  # e.g. an ACL: connected, but nothing will ever arrive
+        if refused and mid == self._presence_mid:
+            self.log.warning("Broker %s refused the subscription to %s (%s): duplicate "
+                             "instances can only be inferred (MQTT_PRESENCE_ENABLED=false "
+                             "silences this)", self.site.broker, self._presence_topic,
+                             refused[0])
+        elif refused:  # e.g. an ACL: connected, but nothing will ever arrive
             self.state.subscriptions_refused += len(refused)
             self.log.warning("Broker %s refused %d of the subscriptions %s: %s",
                              self.site.broker, len(refused), list(self.site.topics),
@@ -153,6 +201,10 @@ class SiteConnection:
         """Every message on the site's topics: from paho, or from the inbound fast path."""
         if topic == self._status_topic:
             return  # our own online/offline echo is not traffic from the site
+        if topic == self._presence_topic:
+            if self.presence and payload:  # an empty retained payload clears, says nothing
+                self.tracker.on_payload(payload)
+            return  # presence records are not traffic from the site either
         self.state.messages_received += 1
         self.state.last_message_at = self.clock.time()
         if self.bridge is not None:
@@ -174,15 +226,45 @@ class SiteConnection:
                 end = self._end or self._ended_now()
             if self._stopping:
                 return
-            decision = self.policy.next(end)
+            waited = 0.0
+            if (self.broker is not None and self.broker.sites > 1 and end.connected
+                    and not end.deaf and not self.tracker.identified
+                    and end.reason_code not in (KEEP_ALIVE_TIMEOUT, SESSION_TAKEN_OVER)):
+                # Did other sites of this broker lose theirs at the same time? Ask once they
+                # have had the window to report; the wait counts towards the next delay.
+                lost_at = self.clock.monotonic()
+                self.broker.record_loss(self.site.name, lost_at)
+                self.state.state = BACKOFF
+                waited = self.settings.broker_event_window_seconds
+                self._wait(waited)
+                if self._stopping:
+                    return
+                end = replace(end, broker_event=self.broker.is_event(lost_at))
+            self.tracker.tick(self._cooldown)
+            identified = self.tracker.identified
+            decision = self.policy.next(replace(end, duplicate=identified))
             self._record_end(decision.reason)
+            if decision.reason == TAKEOVER:
+                self.tracker.on_takeover()  # an unknown peer, unless one is identified
             if decision.cooldown:
-                self._enter_cooldown(decision.delay)
+                self._cooldown = decision.delay if identified else self.settings.cooldown_seconds
+                self._enter_cooldown(decision.delay, identified)
             else:
+                if not identified:
+                    self._cooldown = self.settings.cooldown_seconds
                 self.state.state = BACKOFF
                 self.log.info("Reconnecting to %s in %.1f s (%s)", self.site.broker,
                               decision.delay, decision.reason)
-            _sleep(decision.delay)
+            self._wait(max(0.0, decision.delay - waited))
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep between attempts, waking every few seconds to expire duplicate episodes."""
+        left = seconds
+        while left > 0 and not self._stopping:
+            step = min(left, MAX_IDLE_WAIT)
+            _sleep(step)
+            left -= step
+            self.tracker.tick(self._cooldown)
 
     def _attempt(self) -> ConnectionEnd:
         """Connect, then serve the connection until it ends. Returns how it ended."""
@@ -231,6 +313,8 @@ class SiteConnection:
             while not self._stopping and self._end is None and client.socket() is not None:
                 if self._connack_ok:
                     timeout = idle_wait
+                    if self.presence:  # wake for the next record or echo deadline
+                        timeout = min(timeout, self.tracker.seconds_to_next() + 0.01)
                 else:
                     timeout = connack_deadline - self.clock.monotonic()
                     if timeout <= 0:
@@ -246,15 +330,53 @@ class SiteConnection:
                     return
                 if reader.read() or (client.want_write() and client.loop_write()):
                     return
+                if self.tracker.reply_due and self.presence and self._connack_ok:
+                    self._publish_record(client)  # the reply, right after the identification
                 now = self.clock.monotonic()
                 if now >= next_misc:  # keepalive bookkeeping: seconds matter, not wake-ups
                     next_misc = now + MISC_INTERVAL
                     if client.loop_misc():
                         return
+                    self._presence_tick(client, now)
         finally:
             self._watchers = ()
             read_watcher.close()
             rw_watcher.close()
+
+    def _presence_tick(self, client: mqtt.Client, now: float) -> None:
+        """Duplicate bookkeeping while connected: expiry, a stable connection, reply/refresh."""
+        tracker = self.tracker
+        tracker.tick(self._cooldown)
+        since = self.state.connected_at_monotonic
+        if (self._connack_ok and since is not None
+                and now - since >= self.settings.stable_seconds):
+            tracker.on_stable()
+        if not tracker.identified and self.state.state == CONNECTED:
+            self._cooldown = self.settings.cooldown_seconds
+        if not (self.presence and self._connack_ok and self._end is None):
+            return
+        if tracker.deaf():
+            # Per takeover when the peer is known (its episode was logged once), else a warning.
+            level = logging.INFO if tracker.identified else logging.WARNING
+            self.log.log(level, "Our presence record did not come back within %g s: another "
+                         "client holds client ID %s on %s, which kept our connection open; "
+                         "reconnecting", tracker.echo_timeout, self.client_id, self.site.broker)
+            self._end = replace(self._ended_now(), deaf=True)
+            return
+        if tracker.publish_due():
+            self._publish_record(client, retain=tracker.reply_due)
+
+    def _publish_record(self, client: mqtt.Client, retain: bool = True) -> None:
+        """Our presence record, QoS 1, with our current cooldown.
+
+        Retained on connect and as a reply; the periodic refresh and echo check are not
+        retained: on a broker that keeps a deaf connection open (amqtt), the deaf side's
+        publishes would otherwise overwrite what the active side left, its tombstone too.
+        """
+        now = self.clock.time()
+        payload = self._record.render(True, self._cooldown, now)
+        client.publish(self._presence_topic, payload, qos=1, retain=retain)
+        self.tracker.published(now)
 
     def _close_socket(self) -> None:
         drop_socket(self._client)
@@ -267,11 +389,17 @@ class SiteConnection:
         st.connected_since = None
         st.connected_at_monotonic = None
 
-    def _enter_cooldown(self, seconds: float) -> None:
+    def _enter_cooldown(self, seconds: float, identified: bool = False) -> None:
         st = self.state
         st.cooldowns += 1
         st.state = COOLDOWN
         st.cooldown_until_monotonic = self.clock.monotonic() + seconds
+        if identified:  # the episode was logged once, with the peer: no warning per takeover
+            peer = self.tracker.peer() or {}
+            self.log.info("Taken over by duplicate instance (host %s, pid %s, boot ID %s): "
+                          "cooldown %ss", peer.get("host"), peer.get("pid"),
+                          peer.get("boot_id"), f"{seconds:g}")
+            return
         self.log.warning(
             "Broker closed connection (code 7) - likely duplicate client ID. "
             "Setting %ss cooldown to prevent reconnect loop.", f"{seconds:g}")
@@ -290,7 +418,7 @@ class SiteConnection:
             watcher.stop()
 
     def send_farewell(self) -> socket.socket | None:
-        """Write offline + DISCONNECT in one non-blocking send and half-close.
+        """Write tombstone + offline + DISCONNECT in one non-blocking send and half-close.
 
         Returns the socket to drain, or None when there was nothing to say goodbye on.
         Call after :meth:`stop`.
@@ -308,8 +436,14 @@ class SiteConnection:
                 client.loop_write()
             if client.want_write():
                 raise BlockingIOError("paho output pending")
-            sent = sock.send(self._farewell)
-            if sent != len(self._farewell):
+            farewell = self._farewell
+            if self.presence:  # same bytes as farewell_packets(..., presence=...), cheaper
+                tombstone = self._record.render(False, self._cooldown, self.clock.time())
+                farewell = publish(self._presence_topic, tombstone, qos=1, retain=True,
+                                   packet_id=FAREWELL_PRESENCE_ID,
+                                   v5=self.site.protocol == "5") + farewell
+            sent = sock.send(farewell)
+            if sent != len(farewell):
                 raise BlockingIOError("partial write")
             sock.shutdown(socket.SHUT_WR)
         except OSError as exc:
@@ -319,8 +453,69 @@ class SiteConnection:
             self._close_socket()
             return None
         self._record_end("normal")
+        self._farewell_sent = True
         detach_socket(client)  # the socket is ours now: drain_until_closed closes it
         return sock
+
+
+    def needs_tombstone_elsewhere(self) -> bool:
+        """After :meth:`send_farewell` found no connection: an identified duplicate holds the
+        site now, and it only learns that we left from our tombstone."""
+        return (self.presence and self.site.enabled and self.tracker.identified
+                and not self._farewell_sent)
+
+    def send_tombstone_elsewhere(self, deadline: float) -> bool:
+        """Publish our tombstone through a short connection of its own, under the client ID
+        ``<client_id>_bye`` (ours would kick the other process), and wait for the PUBACK
+        until ``deadline`` (monotonic). Run in its own greenlet at shutdown."""
+        done: dict[str, bool] = {"connected": False}
+
+        def on_connect(client: mqtt.Client, userdata: object, flags: Any,
+                       reason_code: Any, properties: Any) -> None:
+            done["connected"] = not reason_code.is_failure
+
+        def ignore(*args: Any) -> None:
+            return None
+
+        bye = build_client(self.site, f"{self.client_id}_bye", clean_session=True,
+                           connect_timeout=self.settings.connect_timeout, will=None,
+                           errors=self.errors, on_connect=on_connect, on_disconnect=ignore,
+                           on_message=ignore, on_subscribe=ignore)
+        info: mqtt.MQTTMessageInfo | None = None
+        watcher = None
+        try:
+            bye.connect(self.site.host, self.site.port, 10)
+            sock = bye.socket()
+            if sock is None:
+                return False
+            watcher = _get_hub().loop.io(sock.fileno(), _READ)
+            while self.clock.monotonic() < deadline:
+                if done["connected"] and info is None:
+                    tombstone = self._record.render(False, self._cooldown, self.clock.time())
+                    info = bye.publish(self._presence_topic, tombstone, qos=1, retain=True)
+                if info is not None and info.is_published():
+                    bye.disconnect()
+                    if bye.want_write():
+                        bye.loop_write()
+                    self.log.info("Tombstone published under %s_bye: the other process "
+                                  "holds this site", self.client_id)
+                    return True
+                if bye.want_write() and bye.loop_write():
+                    return False
+                try:
+                    _wait(watcher, timeout=min(0.2, max(0.0, deadline - self.clock.monotonic())))
+                except TimeoutError:
+                    pass
+                if bye.loop_read():
+                    return False
+            return False
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.log.info("Cannot publish the tombstone under %s_bye: %s", self.client_id, exc)
+            return False
+        finally:
+            if watcher is not None:
+                watcher.close()
+            drop_socket(bye)
 
 
 def drain_until_closed(sock: socket.socket) -> bool:

@@ -1,9 +1,10 @@
 """Health aggregation for ``/health``: pure functions over the service's state.
 
-``healthy``: every enabled site connected; ``degraded``: some enabled site not
-connected; ``critical``: none connected (with at least one enabled) or the service not
-running. HTTP 200 for healthy and degraded, 503 for critical. No secret is ever included:
-the site objects carry none.
+``healthy``: every enabled site connected and none duplicated; ``degraded``: some enabled
+site not connected, or another process uses some enabled site's client ID (a duplicate
+episode, docs/duplicates.md: on both instances); ``critical``: none connected (with at
+least one enabled) or the service not running. HTTP 200 for healthy and degraded, 503
+for critical. No secret is ever included: the site objects carry none.
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ HEALTHY, DEGRADED, CRITICAL = "healthy", "degraded", "critical"
 HTTP_STATUS = {HEALTHY: 200, DEGRADED: 200, CRITICAL: 503}
 
 
-def overall_status(running: bool, enabled: int, connected: int) -> str:
+def overall_status(running: bool, enabled: int, connected: int, duplicated: int = 0) -> str:
     if not running or (enabled and not connected):
         return CRITICAL
-    return HEALTHY if connected >= enabled else DEGRADED
+    return HEALTHY if connected >= enabled and not duplicated else DEGRADED
 
 
 def site_report(st: SiteState, now_monotonic: float) -> dict[str, Any]:
@@ -41,6 +42,7 @@ def site_report(st: SiteState, now_monotonic: float) -> dict[str, Any]:
         "subscriptions_refused": st.subscriptions_refused,
         "messages_received": st.messages_received,
         "last_message_at": st.last_message_at,
+        "duplicate": st.duplicate.report() if st.duplicate is not None else None,
     }
 
 
@@ -49,7 +51,8 @@ def health_report(running: bool, instance_id: str, states: Sequence[SiteState],
     """Returns ``(http_status, body)`` for the given site states."""
     enabled = sum(1 for st in states if st.enabled)
     connected = sum(1 for st in states if st.enabled and st.connected)
-    status = overall_status(running, enabled, connected)
+    duplicated = sum(1 for st in states if st.enabled and st.duplicate is not None)
+    status = overall_status(running, enabled, connected, duplicated)
     body: dict[str, Any] = {
         "status": status,
         "service": {"running": running, "instance_id": instance_id},

@@ -14,10 +14,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from time import monotonic as _monotonic
 from time import time as _wall_time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .bridge import BridgeStore
+    from .brokers import BrokerView
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,25 @@ class HistogramData:
 
 
 @dataclass
+class Duplicate:
+    """Another process that uses this site's client ID (one episode, see exporter/presence.py).
+
+    ``peer`` is its presence record (client_id, instance_id, boot_id, host, pid, version,
+    started_at, ...), or None for an unknown peer: a client that publishes no presence record
+    (the old service, a ``mosquitto_sub -i``), inferred from takeover evidence.
+    """
+
+    peer: dict[str, Any] | None
+    first_seen: float        # wall clock
+    last_seen: float         # wall clock
+
+    def report(self) -> dict[str, Any]:
+        """What verbose /health shows."""
+        base = dict(self.peer) if self.peer is not None else {"peer": "unknown"}
+        return {**base, "first_seen": self.first_seen, "last_seen": self.last_seen}
+
+
+@dataclass
 class SiteState:
     """What one site's connection reports about itself. Written only by its connection."""
 
@@ -98,6 +118,8 @@ class SiteState:
     cooldown_until_monotonic: float | None = None
     subscriptions_refused: int = 0                 # SUBACK failure codes seen
     internal_errors: int = 0                       # exceptions caught in our own code (bugs)
+    duplicate: Duplicate | None = None             # another process using our client ID
+    duplicate_detections: int = 0                  # duplicate episodes started
     messages_received: int = 0
     last_message_at: float | None = None
     connect_duration: HistogramData = field(
@@ -200,4 +222,9 @@ class ServiceView(Protocol):
     @property
     def bridge_store(self) -> BridgeStore | None:
         """The bridged series of every site with ``bridge:``; None when no site has one."""
+        ...
+
+    @property
+    def brokers(self) -> Sequence[BrokerView]:
+        """One view per broker endpoint with at least one enabled site (exporter/brokers.py)."""
         ...

@@ -14,7 +14,9 @@ import gevent
 
 from .bridge import BridgeStore
 from .bridge import build as build_bridges
+from .brokers import BrokerView
 from .connection import SiteConnection, drain_until_closed
+from .presence import Identity
 from .state import Clock, ShutdownHistory, SiteState, SystemClock
 
 if TYPE_CHECKING:
@@ -50,16 +52,32 @@ class Service:
     :class:`exporter.state.ServiceView`, which it satisfies."""
 
     def __init__(self, settings: Settings, clock: Clock | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, identity: Identity | None = None) -> None:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
+        #: This process in presence records: a new boot ID at every start.
+        self.identity = identity or Identity.new(settings.instance_id, self.clock.time())
         # One store for every bridged site (None when no site has `bridge:`); a site without
         # `bridge:` gets bridge=None.
         self.bridge_store: BridgeStore | None
         self.bridge_store, bridges = build_bridges(settings, self.clock)
-        self.connections = [SiteConnection(site, settings, self.clock, rng,
-                                           bridge=bridges.get(site.name))
-                            for site in settings.sites]
+        # One view per broker endpoint (host:port), shared by its sites: what tells a broker
+        # event (several sites lose their connections at once) from a takeover.
+        views: dict[str, BrokerView] = {}
+        self.connections = []
+        for site in settings.sites:
+            view = views.get(site.broker)
+            if view is None:
+                view = views[site.broker] = BrokerView(
+                    site.broker, settings.broker_event_window_seconds, self.clock)
+            conn = SiteConnection(site, settings, self.clock, rng,
+                                  bridge=bridges.get(site.name), identity=self.identity,
+                                  broker=view)
+            view.add_site(conn.state)
+            self.connections.append(conn)
+        #: The broker endpoints with at least one enabled site, in the order of the sites
+        #: file (an endpoint of disabled sites only has no connection to watch).
+        self.brokers: list[BrokerView] = [v for v in views.values() if v.sites]
         self.shutdown_history = ShutdownHistory.load(settings.state_dir)
         self.running = False
 
@@ -97,6 +115,10 @@ class Service:
             sockets = [s for s in (c.send_farewell() for c in self.connections) if s is not None]
             drains = [gevent.spawn(drain_until_closed, s)  # type: ignore[no-untyped-call]
                       for s in sockets]
+            # Sites an identified duplicate holds: our tombstone must reach it another way.
+            drains += [gevent.spawn(c.send_tombstone_elsewhere,  # type: ignore[no-untyped-call]
+                                    deadline)
+                       for c in self.connections if c.needs_tombstone_elsewhere()]
             gevent.joinall(drains,  # type: ignore[no-untyped-call]
                            timeout=max(0.0, deadline - clock.monotonic()))
             pending = [d for d in drains if not d.dead]

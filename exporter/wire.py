@@ -175,17 +175,29 @@ def disconnect(reason: int | None = None) -> bytes:
     return b"\xe0\x00" if reason is None else bytes((0xE0, 0x01, reason))
 
 
+#: Packet IDs of the farewell's QoS 1 PUBLISHes (paho's own start at 1 and never get here).
+FAREWELL_STATUS_ID, FAREWELL_PRESENCE_ID = 0xFFFF, 0xFFFE
+
+
 def farewell_packets(status_topic: str, protocol: str, lwt_enabled: bool,
-                     offline: bytes = b"offline") -> bytes:
+                     offline: bytes = b"offline",
+                     presence: tuple[str | bytes, bytes] | None = None) -> bytes:
     """The bytes of a graceful goodbye, sent as one write.
 
-    v5 with a will: DISCONNECT reason 0x04 "Disconnect with Will Message" (the broker
-    publishes our ``offline`` will). v3.1.1 with a will: PUBLISH ``offline`` (QoS 1,
-    retained, packet id 0xFFFF) then DISCONNECT. Without a will: DISCONNECT only.
+    ``presence`` is ``(topic, tombstone)``: first a PUBLISH of the tombstone record (QoS 1,
+    retained, packet id 0xFFFE). Then, v5 with a will: DISCONNECT reason 0x04 "Disconnect
+    with Will Message" (the broker publishes our ``offline`` will). v3.1.1 with a will:
+    PUBLISH ``offline`` (QoS 1, retained, packet id 0xFFFF) then DISCONNECT. Without a will:
+    DISCONNECT only.
     """
     v5 = protocol == "5"
+    head = b""
+    if presence is not None:
+        head = publish(presence[0], presence[1], qos=1, retain=True,
+                       packet_id=FAREWELL_PRESENCE_ID, v5=v5)
     if not lwt_enabled:
-        return disconnect(0x00 if v5 else None)
+        return head + disconnect(0x00 if v5 else None)
     if v5:
-        return disconnect(0x04)
-    return publish(status_topic, offline, qos=1, retain=True, packet_id=0xFFFF) + disconnect()
+        return head + disconnect(0x04)
+    return (head + publish(status_topic, offline, qos=1, retain=True,
+                           packet_id=FAREWELL_STATUS_ID) + disconnect())

@@ -139,3 +139,25 @@ def prometheus_factory(tmp_path, request):
         server.cleanup()
         if failed:
             print(f"\n===== prometheus {server.url} log tail =====\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def amqtt_bin() -> str:
+    """Path of amqtt 0.12.1 (.venv-amqtt, made by `make test`); fails the tests that need it
+    with the command that installs it."""
+    path = support.find_amqtt()
+    if path is None:
+        pytest.fail(support.AMQTT_MISSING, pytrace=False)
+    return path
+
+
+@pytest.fixture
+def amqtt_broker(amqtt_bin, tmp_path, request):
+    """A started amqtt 0.12.1 (MQTT 3.1.1, anonymous) on 127.0.0.1:<free port>: a broker that
+    keeps both clients with one client ID connected. Killed at teardown; log tail on failure."""
+    b = support.AmqttBroker(tmp_path / "amqtt").start()
+    yield b
+    failed = _failed(request)
+    b.cleanup()
+    if failed:
+        print(f"\n===== {b!r} =====\n{b.diagnostics()}")

@@ -2,7 +2,7 @@
 
 - ``promtool check rules alerts/*.rules.yml`` is clean (no error, no warning).
 - ``promtool test rules alerts/tests/*.yml`` passes.
-- Every alert: prefix MqttSite/MqttExporter in CamelCase, ``for:``, ``severity`` in
+- Every alert: prefix MqttSite/MqttExporter/MqttBroker in CamelCase, ``for:``, ``severity`` in
   critical/warning/info, ``summary`` (static, ends with a period), ``description`` (templated),
   ``runbook_url`` = docs/operations.md#<lowercase name> whose heading exists.
 - Every alert has at least one promtool case where it fires (with exact labels and
@@ -26,13 +26,13 @@ RULE_FILES = sorted(ALERTS_DIR.glob("*.rules.yml"))
 TEST_FILES = sorted((ALERTS_DIR / "tests").glob("*.yml"))
 RUNBOOK = REPO / "docs" / "operations.md"
 SEVERITIES = {"critical", "warning", "info"}
-NAME = re.compile(r"^Mqtt(Site|Exporter)(?:[A-Z][a-z0-9]*)+$")
+NAME = re.compile(r"^Mqtt(Site|Exporter|Broker)(?:[A-Z][a-z0-9]*)+$")
 RECORD = re.compile(r"^[a-z_]+:[a-z0-9_]+:[a-z0-9_]+$")
 DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w))+$")
 REQUIRED_ALERTS = {
     "MqttSiteReconnectLoop", "MqttSiteDuplicateClientId", "MqttSiteDown",
     "MqttExporterAllSitesDown", "MqttSiteCooldownFlapping", "MqttSiteSilent",
-    "MqttExporterSlowShutdown", "MqttExporterDown",
+    "MqttExporterSlowShutdown", "MqttExporterDown", "MqttBrokerFlapping",
 }
 
 
@@ -111,7 +111,7 @@ def test_recording_rule_names():
 @pytest.mark.parametrize("name", sorted(_alerts()))
 def test_alert_conventions(name):
     rule = _alerts()[name]
-    assert NAME.match(name), f"{name}: CamelCase with prefix MqttSite or MqttExporter"
+    assert NAME.match(name), f"{name}: CamelCase with prefix MqttSite, MqttExporter or MqttBroker"
     assert "for" in rule and DURATION.match(str(rule["for"])), f"{name}: needs an explicit for:"
     labels = rule.get("labels", {})
     assert labels.get("severity") in SEVERITIES, f"{name}: severity {labels.get('severity')!r}"
@@ -124,6 +124,8 @@ def test_alert_conventions(name):
         f"{name}: description must be templated and name the instance"
     if name.startswith("MqttSite"):
         assert "{{ $labels.site }}" in description, f"{name}: description must name the site"
+    if name.startswith("MqttBroker"):
+        assert "{{ $labels.broker }}" in description, f"{name}: description must name the broker"
     assert ann["runbook_url"] == f"docs/operations.md#{name.lower()}", f"{name}: runbook_url"
 
 
@@ -163,6 +165,16 @@ def test_every_alert_has_firing_and_silent_cases():
     missing_silent = sorted(set(_alerts()) - set(silent))
     assert not missing_fire, f"alerts without a firing test case: {missing_fire}"
     assert not missing_silent, f"alerts without a must-not-fire test case: {missing_silent}"
+
+
+def test_duplicate_alert_reads_the_gauge():
+    """The duplicate alert is the exporter's verdict (presence records or inferred unknown
+    peer), not a guess from takeover counts: a crash-looping broker gives no takeovers and a
+    broker that never kicks gives no takeovers either."""
+    expr = _alerts()["MqttSiteDuplicateClientId"]["expr"]
+    assert "mqtt_site_duplicate_instance" in expr
+    assert "takeover" not in expr and "cooldown" not in expr
+    assert "mqtt_broker_connection_losses_total" in _alerts()["MqttBrokerFlapping"]["expr"]
 
 
 def test_recording_rules_evaluated_before_their_alerts():

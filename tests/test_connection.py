@@ -8,6 +8,7 @@ while it waits: :func:`gwait` polls a condition with ``gevent.sleep`` and a dead
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -17,6 +18,7 @@ import pytest
 from exporter import wire
 from exporter.config import Settings, SiteConfig
 from exporter.connection import SiteConnection, drain_until_closed
+from exporter.presence import Identity, RecordTemplate
 from tests.support import HOST
 from tests.support.fakes import FakeClock
 
@@ -51,7 +53,8 @@ class RaisingBridge:
 def connections(fake_v5_factory):
     made: list[SiteConnection] = []
 
-    def make(protocol: str = "3.1.1", bridge=None, clean_session: bool = True, **peer_options):
+    def make(protocol: str = "3.1.1", bridge=None, clean_session: bool = True, identity=None,
+             **peer_options):
         peer = fake_v5_factory(**peer_options)
         site = SiteConfig(name="s", host=HOST, port=peer.port, protocol=protocol,
                           topics=("s/#",), keepalive=60)
@@ -59,7 +62,7 @@ def connections(fake_v5_factory):
                             backoff_min_seconds=0.05, backoff_max_seconds=0.1,
                             connect_timeout=2.0, cooldown_seconds=30.0,
                             clean_session=clean_session)
-        conn = SiteConnection(site, settings, FakeClock(), bridge=bridge)
+        conn = SiteConnection(site, settings, FakeClock(), bridge=bridge, identity=identity)
         made.append(conn)
         return conn, peer
 
@@ -193,3 +196,62 @@ def test_no_farewell_without_a_connack(connections):
     assert conn.send_farewell() is None
     assert conn.state.state == "stopping" and conn.state.connects == 0
     assert conn.state.disconnects["normal"] == 0
+
+
+# --------------------------------------------------------------------------- presence
+
+WALL = 1_800_000_000.0  # FakeClock's wall time: our started_at
+
+
+def ident(boot: str = "a" * 16, host: str = "me", pid: int = 1) -> Identity:
+    return Identity("t", boot, host, pid, "0.1.0", WALL)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_presence_subscribe_first_then_our_record_and_a_tombstone_in_the_farewell(
+        connections, protocol):
+    conn, peer = connections(protocol, identity=ident())
+    conn.start()
+    gwait(lambda: len(peer.subscriptions) == 2 and len(peer.published) == 2)
+    assert peer.subscriptions == [["s/backend/instance"], ["s/#"]]
+    (_, topic, payload, qos, retain), = [p for p in peer.published if p[1] != "s/backend/status"]
+    rec = json.loads(payload)
+    assert (topic, qos, retain) == ("s/backend/instance", 1, True)
+    assert rec["boot_id"] == "a" * 16 and rec["state"] == "online"
+    assert rec["client_id"] == "s_it" and rec["cooldown_seconds"] == 30.0
+    conn.stop()
+    sock = conn.send_farewell()
+    assert gevent.spawn(drain_until_closed, sock).get(timeout=5) is True
+    gwait(lambda: peer.disconnects)
+    after = [p[1:] for p in peer.published[2:]]
+    assert after[0][0] == "s/backend/instance" and after[0][2:] == (1, True)
+    assert json.loads(after[0][1])["state"] == "offline"
+    assert [a[0] for a in after[1:]] == (["s/backend/status"] if protocol == "3.1.1" else [])
+
+
+def test_peer_record_identifies_a_duplicate_and_is_not_site_traffic(connections, caplog):
+    bridge = RaisingBridge("none")
+    other = RecordTemplate(ident("b" * 16, host="other", pid=99), "s_it").render(
+        True, 60.0, WALL + 5)
+    conn, peer = connections(identity=ident(), bridge=bridge, presence_traffic=True,
+                             after_suback=wire.publish("s/backend/instance", other, qos=1,
+                                                       retain=True, packet_id=9)
+                             + wire.publish("s/backend/instance", b"", retain=True))
+    conn.start()
+    gwait(lambda: conn.state.duplicate is not None)
+    st = conn.state
+    assert st.duplicate.peer["host"] == "other" and st.duplicate.peer["pid"] == 99
+    assert st.duplicate_detections == 1 and conn.tracker.identified
+    assert st.messages_received == 0 and bridge.ingested == []
+    # The reply: our record again, right after the identification.
+    gwait(lambda: len([p for p in peer.published if p[1] == "s/backend/instance"]) == 2)
+    assert sum("Duplicate instance: another process uses client ID s_it (host other, pid 99"
+               in r.getMessage() for r in caplog.records) == 1
+
+
+def test_presence_disabled_publishes_and_subscribes_nothing_extra(connections):
+    conn, peer = connections(identity=None)
+    conn.start()
+    gwait(lambda: peer.subscriptions and peer.published)
+    assert peer.subscriptions == [["s/#"]]
+    assert all(p[1] != "s/backend/instance" for p in peer.published)

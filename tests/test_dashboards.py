@@ -233,7 +233,8 @@ def test_targets_refids_rates_and_variables(path):
                 for sel in re.findall(r"mqtt_site_\w+\{([^}]*)\}", expr):
                     assert 'site=~"$site"' in sel and 'instance=~"$instance"' in sel, \
                         f"{where}: selector {{{sel}}} ignores $site/$instance"
-            elif "mqtt_exporter_" in expr or "process_" in expr or re.search(r"\bup\b", expr):
+            elif ("mqtt_exporter_" in expr or "mqtt_broker_" in expr or "process_" in expr
+                  or re.search(r"\bup\b", expr)):
                 assert 'instance=~"$instance"' in expr, f"{where}: ignores $instance"
 
 
@@ -460,6 +461,23 @@ def test_every_panel_query_on_live_prometheus(broker, fake_v5_factory, exporter_
         build = results[("Build info", "A")]
         assert [(s["metric"]["instance"], s["metric"]["instance_id"]) for s in build] == \
             [(target, "dash")]
+        # Duplicates and broker events: every site has a gauge (0 or 1); one broker endpoint per
+        # distinct host:port, counting enabled sites only (the disabled "off" shares alpha's).
+        dup = {s["metric"]["site"]: float(s["value"][1])
+               for s in results[("Duplicate instance per site", "A")]}
+        assert set(dup) == {"alpha", "dead", "dup", "off"} and dup["alpha"] == 0, dup
+        assert one("Sites with a duplicate instance") == {"": sum(dup.values())}
+        configured = {s["metric"]["broker"]: values_of([s])[-1]
+                      for s in results[("Broker sites connected vs configured", "B")]}
+        assert configured == {f"{HOST}:{broker.port}": 1.0,
+                              f"{HOST}:{sites[1]['port']}": 1.0,
+                              f"{HOST}:{fake.port}": 1.0}, configured
+        connected = {s["metric"]["broker"]: values_of([s])[-1]
+                     for s in results[("Broker sites connected vs configured", "A")]}
+        assert connected[f"{HOST}:{broker.port}"] == 1.0, connected
+        assert connected[f"{HOST}:{sites[1]['port']}"] == 0.0, connected
+        losses = values_of(results[("Broker connection losses", "A")])
+        assert losses and max(losses) == 0, losses  # no broker has two sites here
         info = {s["metric"]["site"]: s["metric"] for s in results[("Sites", "A")]}
         assert info["alpha"]["client_id"] == "alpha_idash" and info["dup"]["protocol"] == "5"
         print(f"\ndashboard live test: setup+data {t_ready - t_start:.1f}s, "

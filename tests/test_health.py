@@ -61,7 +61,7 @@ def test_health_report_verbose_fields():
     assert [s["name"] for s in sites] == ["a", "b", "c"]
     required = {"name", "client_id", "enabled", "state", "connected", "connected_since",
                 "last_disconnect_reason", "reconnects", "cooldown_remaining_s",
-                "messages_received", "last_message_at", "broker"}
+                "messages_received", "last_message_at", "broker", "duplicate"}
     for s in sites:
         assert required <= set(s), required - set(s)
     a, b, c = sites
@@ -73,10 +73,40 @@ def test_health_report_verbose_fields():
     assert b["cooldown_remaining_s"] == pytest.approx(12.346, abs=1e-9)
     assert b["last_disconnect_reason"] == "takeover"
     assert c["enabled"] is False and c["state"] == "disabled" and c["cooldown_remaining_s"] == 0
+    assert a["duplicate"] is b["duplicate"] is c["duplicate"] is None
     # Non-verbose has no sites; the body is JSON-serialisable either way.
     assert "sites" not in health_report(True, "inst", states, 1000.0)[1]
     json.dumps(body)
 
+
+
+def test_a_duplicate_makes_the_status_at_least_degraded_and_shows_in_verbose():
+    from exporter.state import Duplicate
+
+    peer = {"client_id": "a_itest", "boot_id": "b" * 16, "host": "h2", "pid": 7}
+    known = Duplicate(peer, 1_800_000_000.0, 1_800_000_010.0)
+    unknown = Duplicate(None, 1_800_000_000.0, 1_800_000_001.0)
+    # Every site connected, one duplicated: degraded (on both instances alike).
+    code, body = health_report(True, "inst", [st("a", duplicate=known), st("b")], 1000.0,
+                               verbose=True)
+    assert (code, body["status"]) == (200, DEGRADED)
+    a, b = body["sites"]
+    assert a["duplicate"] == {**peer, "first_seen": 1_800_000_000.0,
+                              "last_seen": 1_800_000_010.0}
+    assert b["duplicate"] is None
+    assert health_report(True, "inst", [st("a", duplicate=unknown)], 1000.0, verbose=True)[1][
+        "sites"][0]["duplicate"] == {"peer": "unknown", "first_seen": 1_800_000_000.0,
+                                     "last_seen": 1_800_000_001.0}
+    assert health_report(True, "inst", [st("a", duplicate=unknown)], 1000.0)[1]["status"] == \
+        DEGRADED
+    # Critical stays critical; a disabled site's stale duplicate does not count.
+    assert health_report(True, "inst", [st("a", "cooldown", duplicate=known)], 1000.0)[1][
+        "status"] == CRITICAL
+    assert health_report(True, "inst", [st("a"), st("b", enabled=False, duplicate=known)],
+                         1000.0)[1]["status"] == HEALTHY
+    assert overall_status(True, 2, 2, duplicated=1) == DEGRADED
+    assert overall_status(True, 2, 0, duplicated=1) == CRITICAL
+    json.dumps(body)
 
 
 def test_service_health_reads_the_service_view():

@@ -41,6 +41,11 @@ EXPECTED_TYPES = {
     "mqtt_site_connect_duration_seconds": "histogram",
     "mqtt_site_subscriptions_refused_total": "counter",
     "mqtt_exporter_internal_errors_total": "counter",
+    "mqtt_site_duplicate_instance": "gauge",
+    "mqtt_site_duplicate_detections_total": "counter",
+    "mqtt_broker_sites": "gauge",
+    "mqtt_broker_sites_connected": "gauge",
+    "mqtt_broker_connection_losses_total": "counter",
     "mqtt_exporter_shutdown_duration_seconds": "histogram",
     "mqtt_exporter_last_shutdown_timed_out": "gauge",
     "mqtt_exporter_build_info": "gauge",
@@ -297,6 +302,18 @@ def test_metrics_names_types_labels_and_promtool(broker, exporter_factory):
     for name in sites:
         assert val("mqtt_site_subscriptions_refused_total", site=name) == 0.0
         assert val("mqtt_exporter_internal_errors_total", site=name) == 0.0
+    # Per broker endpoint with an enabled site ("off" shares site_a's broker): from 0.
+    live, gone = f"{HOST}:{broker.port}", f"{HOST}:{dead['port']}"
+    for name in ("mqtt_broker_sites", "mqtt_broker_sites_connected",
+                 "mqtt_broker_connection_losses_total"):
+        assert sorted(s.labels["broker"] for s in by[name]) == sorted((live, gone)), name
+        assert all(set(s.labels) == {"broker"} for s in by[name]), name
+    assert val("mqtt_broker_sites", broker=live) == 1.0
+    assert val("mqtt_broker_sites", broker=gone) == 1.0
+    assert val("mqtt_broker_sites_connected", broker=live) == 1.0
+    assert val("mqtt_broker_sites_connected", broker=gone) == 0.0
+    assert val("mqtt_broker_connection_losses_total", broker=live) == 0.0
+    assert val("mqtt_broker_connection_losses_total", broker=gone) == 0.0
     # Shutdown histogram: these exact buckets, no labels.
     les = [float(s.labels["le"]) for s in by["mqtt_exporter_shutdown_duration_seconds_bucket"]]
     assert les == list(SHUTDOWN_BUCKETS)

@@ -192,7 +192,10 @@ def test_status_online_then_offline_on_graceful_stop(broker, exporter_factory, s
 def test_will_and_farewell_on_the_wire(fake_v5_factory, exporter_factory):
     """What the exporter sends, read from a scripted peer: a will `offline` QoS 1 retained
     in both CONNECTs, `online` retained on connect, and on SIGTERM an `offline` PUBLISH only
-    on v3.1.1 (v5 says goodbye with DISCONNECT 0x04 and lets the broker publish the will)."""
+    on v3.1.1 (v5 says goodbye with DISCONNECT 0x04 and lets the broker publish the will).
+    Presence (docs/duplicates.md): on connect a retained `online` record on
+    `<site>/backend/instance`, and on SIGTERM its tombstone (`"state": "offline"`, QoS 1,
+    retained) first in the farewell, before the status and the DISCONNECT."""
     fake = fake_v5_factory()
     sites = [site("w311", fake, protocol="3.1.1"), site("w5", fake, protocol="5")]
     proc = launch(exporter_factory, sites, env=FAST_ENV)
@@ -211,11 +214,34 @@ def test_will_and_farewell_on_the_wire(fake_v5_factory, exporter_factory):
         assert (c.will_flag, c.will_qos, c.will_retain) == (True, 1, True)
         assert (c.will_topic, c.will_payload) == (status_topic(name), b"offline")
 
+    records = {t: json.loads(p) for _, t, p, q, r in list(fake.published)
+               if t.endswith("/backend/instance") and q == 1 and r}
+    assert set(records) == {"w311/backend/instance", "w5/backend/instance"}, fake.published
+    for name in ("w311", "w5"):
+        rec = records[f"{name}/backend/instance"]
+        assert rec["client_id"] == cid(name) and rec["state"] == "online"
+        assert rec["pid"] == proc.pid and rec["instance_id"] == INSTANCE
+    assert records["w311/backend/instance"]["boot_id"] == records["w5/backend/instance"]["boot_id"]
+    assert fake.subscriptions[:1] in (
+        [["w311/backend/instance"]], [["w5/backend/instance"]]), fake.subscriptions
+
     t_sig = time.monotonic()
     rc, _ = stop_and_wait(proc)
     assert rc == 0, proc.log_tail()
     after = [(t, p, q, r) for (ts, t, p, q, r) in list(fake.published) if ts > t_sig]
-    assert after == [("w311/backend/status", b"offline", 1, True)], fake.published
+    # Per site in this order (one write each): the tombstone, then v3.1.1's offline status.
+    by_site = {n: [(t, p, q, r) for (t, p, q, r) in after if t.startswith(n + "/")]
+               for n in ("w311", "w5")}
+    assert [t for t, *_ in by_site["w311"]] == ["w311/backend/instance", "w311/backend/status"]
+    assert [t for t, *_ in by_site["w5"]] == ["w5/backend/instance"], after
+    assert by_site["w311"][1][1:] == (b"offline", 1, True)
+    for name in ("w311", "w5"):
+        t, p, q, r = by_site[name][0]
+        tomb = json.loads(p)
+        assert (q, r, tomb["state"], tomb["client_id"]) == (1, True, "offline", cid(name))
+        assert tomb["boot_id"] == records[t]["boot_id"]
+        assert tomb["published_at"] >= records[t]["published_at"]
+    assert len(after) == 3, after
     assert re.search(DISCONNECTED_RE, proc.log_text())
     assert not re.search(TIMEOUT_WARNING_RE, proc.log_text()), proc.log_tail()
 
@@ -438,7 +464,9 @@ def test_lwt_disabled_no_will_no_status(broker, exporter_factory, status_watcher
     assert all(not c.will_flag for c in fake.connects), fake.connects
     rc, _ = stop_and_wait(proc)
     assert rc == 0, proc.log_tail()
-    assert fake.published == [], fake.published
+    # No status at all; presence records (and their tombstones) are not the will's business.
+    assert [p for p in fake.published if not p[1].endswith("/backend/instance")] == [], \
+        fake.published
 
 
 # --------------------------------------------------------------------------- extras

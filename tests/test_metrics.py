@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter.brokers import BrokerView
 from exporter.metrics import (
     COUNTER,
     DOC_MARKER,
@@ -18,6 +19,7 @@ from exporter.metrics import (
     GAUGE,
     HISTOGRAM,
     INFO,
+    BrokerFamily,
     ServiceCollector,
     ServiceFamily,
     SiteFamily,
@@ -55,6 +57,15 @@ class FakeService:
         self.instance_id = instance_id
         self.running = True
         self.bridge_store = None
+        self.brokers = brokers_of(states)
+
+
+def brokers_of(states, window=1.0):
+    """One BrokerView per endpoint of ``states`` with an enabled site, as the Service builds."""
+    views = {}
+    for state in states:
+        views.setdefault(state.broker, BrokerView(state.broker, window)).add_site(state)
+    return [v for v in views.values() if v.sites]
 
 
 def fresh_registry(service) -> CollectorRegistry:
@@ -158,8 +169,13 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
         for v in (0.004, 0.3 * i, 11.0):
             st.connect_duration.observe(v)
         states.append(st)
+    # Two endpoints, one with a label value that needs escaping; the other with a broker
+    # event counted.
+    states[2].broker = "10.0.0.2:8883"
+    brokers = brokers_of(states)
+    brokers[1].connection_losses = 3
     service = SimpleNamespace(clock=clock, site_states=states, shutdown_history=history,
-                              instance_id='bfg "back"')
+                              instance_id='bfg "back"', brokers=brokers)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(service))
     text = render_service_text(service)
@@ -168,8 +184,11 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
         assert f"# TYPE {name} counter\n" in text
     assert 'mqtt_site_subscriptions_refused_total{site="s-3"} 6.0\n' in text
     assert 'mqtt_exporter_internal_errors_total{site="s-1"} 1.000001e+06\n' in text
+    assert 'mqtt_broker_sites{broker="h\\"\\\\ost:1883"} 2.0\n' in text
+    assert 'mqtt_broker_sites_connected{broker="h\\"\\\\ost:1883"} 1.0\n' in text
+    assert 'mqtt_broker_connection_losses_total{broker="10.0.0.2:8883"} 3.0\n' in text
     # No site at all: headers only, still identical.
-    service.site_states = []
+    service.site_states, service.brokers = [], []
     assert render_service_text(service) == generate_latest(registry).decode()
 
 
@@ -179,6 +198,8 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
 #: Label names whose values come from configuration or from a fixed set, never from traffic.
 BOUNDED_LABELS = {"site", "state", "reason", "client_id", "broker", "protocol", "version",
                   "instance_id"}
+BROKER_FAMILIES = {"mqtt_broker_sites": GAUGE, "mqtt_broker_sites_connected": GAUGE,
+                   "mqtt_broker_connection_losses_total": COUNTER}
 UNITS = ("_seconds", "_bytes", "_total", "_info", "_timestamp_seconds")
 
 
@@ -187,7 +208,9 @@ def test_family_table_follows_the_conventions():
     assert len(set(names)) == len(names)
     for fam in FAMILIES:
         assert fam.help and fam.help.endswith(".") and "\n" not in fam.help, fam.name
-        assert fam.name.startswith(("mqtt_site_", "mqtt_exporter_")), fam.name
+        assert fam.name.startswith(("mqtt_site_", "mqtt_exporter_", "mqtt_broker_")), fam.name
+        assert isinstance(fam, BrokerFamily) == (fam.labels == ("broker",)), fam.name
+        assert isinstance(fam, BrokerFamily) == fam.name.startswith("mqtt_broker_"), fam.name
         assert (fam.type == COUNTER) == fam.name.endswith("_total"), fam.name
         assert (fam.type == INFO) == fam.name.endswith("_info"), fam.name
         assert set(fam.labels) <= BOUNDED_LABELS, fam.name
@@ -208,14 +231,24 @@ def test_family_table_follows_the_conventions():
     assert names[-3:] == ["mqtt_exporter_shutdown_duration_seconds",
                           "mqtt_exporter_last_shutdown_timed_out", "mqtt_exporter_build_info"]
     assert set(NEW_FAMILIES) <= set(names)
+    assert {f.name: f.type for f in FAMILIES if isinstance(f, BrokerFamily)} == BROKER_FAMILIES
+    # Per site, then per broker, then the process.
+    kinds = [{SiteFamily: 0, BrokerFamily: 1, ServiceFamily: 2}[type(f)] for f in FAMILIES]
+    assert kinds == sorted(kinds)
     assert [f.each for f in FAMILIES if f.each] == [SITE_STATES, DISCONNECT_REASONS]
 
 
 def test_every_read_returns_what_its_type_needs(tmp_path):
     svc = make_service(tmp_path, "inst", ["a"])
     a = svc.site_states[0]
+    (view,) = svc.brokers
     for fam in FAMILIES:
-        got = (fam.read(a, 1000.0) if isinstance(fam, SiteFamily) else fam.read(svc))
+        if isinstance(fam, SiteFamily):
+            got = fam.read(a, 1000.0)
+        elif isinstance(fam, BrokerFamily):
+            got = fam.read(view)
+        else:
+            got = fam.read(svc)
         if fam.type == HISTOGRAM:
             assert isinstance(got, HistogramData), fam.name
         elif fam.type == INFO:
@@ -244,6 +277,50 @@ def test_a_wrong_entry_fails_at_import(kwargs, problem):
     kwargs = {"help": "Something.", "read": lambda st, now: 0, **kwargs}
     with pytest.raises(ValueError, match=problem):
         SiteFamily(**kwargs)
+
+
+@pytest.mark.parametrize("cls, kwargs, problem", [
+    (BrokerFamily, dict(name="mqtt_site_x", type=GAUGE), "mqtt_broker_"),
+    (BrokerFamily, dict(name="mqtt_broker_x", type=GAUGE, labels=("broker", "reason"),
+                        each=("a",)), "one label broker"),
+    (BrokerFamily, dict(name="mqtt_broker_x", type=GAUGE, labels=("site",)), "site"),
+    (BrokerFamily, dict(name="mqtt_broker_x_info", type=INFO), "one label broker"),
+    (ServiceFamily, dict(name="mqtt_broker_x", type=GAUGE), "mqtt_broker_"),
+    (ServiceFamily, dict(name="mqtt_exporter_x", type=GAUGE, labels=("broker",)), "broker"),
+])
+def test_a_wrong_broker_entry_fails_at_import(cls, kwargs, problem):
+    with pytest.raises(ValueError, match=problem):
+        cls(**{"help": "Something.", "read": lambda view: 0, **kwargs})
+
+
+def test_broker_families_one_series_per_endpoint_from_zero(tmp_path):
+    svc = make_service(tmp_path, "inst", ["a", "b", "c", "off"])
+    a, b, c, off = svc.site_states
+    c.broker = "other:1883"
+    off.enabled, off.state = False, "disabled"
+    off.broker = "gone:1883"  # only disabled sites there: no series
+    svc.brokers = brokers_of(svc.site_states)
+    b.state = "backoff"
+    smp = samples(fresh_registry(svc))
+    assert {dict(k[1])["broker"] for k in smp if k[0] == "mqtt_broker_sites"} == {
+        "127.0.0.1:1883", "other:1883"}
+    assert value(smp, "mqtt_broker_sites", broker="127.0.0.1:1883") == 2
+    assert value(smp, "mqtt_broker_sites_connected", broker="127.0.0.1:1883") == 1
+    assert value(smp, "mqtt_broker_sites_connected", broker="other:1883") == 1
+    for broker in ("127.0.0.1:1883", "other:1883"):
+        assert value(smp, "mqtt_broker_connection_losses_total", broker=broker) == 0
+    # A broker event (two sites of one endpoint at once) counts once, not per site.
+    view = svc.brokers[0]
+    view.record_loss("a", 5.0)
+    view.record_loss("b", 5.1)
+    a.state = "backoff"
+    smp = samples(fresh_registry(svc))
+    assert value(smp, "mqtt_broker_connection_losses_total", broker="127.0.0.1:1883") == 1
+    assert value(smp, "mqtt_broker_sites_connected", broker="127.0.0.1:1883") == 0
+    text = render_service_text(svc)
+    assert 'mqtt_broker_connection_losses_total{broker="127.0.0.1:1883"} 1.0\n' in text
+    assert 'mqtt_broker_sites{broker="other:1883"} 1.0\n' in text
+    assert "gone:1883" not in text.split("# HELP mqtt_broker_sites ")[1].split("# HELP mqtt_exporter")[0]
 
 
 def test_adding_a_family_is_one_entry(tmp_path):

@@ -2,7 +2,10 @@
 
 What is covered (see exporter/reconnect.py for the policy):
 - two live instances with one client ID (the production accident): a cooldown, and a bounded
-  takeover loop instead of paho's ~1 kick per second;
+  takeover loop instead of paho's ~1 kick per second; with presence records (identified, one
+  INFO line per takeover) and without (MQTT_PRESENCE_ENABLED=false: the seed's evidence rule
+  and its warning). The cooldown's doubling while identified is pinned to the base here (the
+  ceiling equals the cooldown); tests/test_duplicates_e2e.py covers convergence;
 - the exact MQTT 5 path (DISCONNECT 0x8E from a scripted peer): cooldown on the first kick,
   and no attempt during the cooldown;
 - broker restart, broker down at start, a reconnect storm over 20 sites, a frozen broker
@@ -28,6 +31,9 @@ COOLDOWN_LOG = (
     r"Broker closed connection \(code 7\) - likely duplicate client ID\. "
     r"Setting {secs}s cooldown to prevent reconnect loop\."
 )
+#: The same takeover when the other process is identified by its presence record: one
+#: warning per episode (the tracker's), this INFO line per takeover.
+IDENTIFIED_COOLDOWN_LOG = r"Taken over by duplicate instance \(host .*\): cooldown {secs}s"
 
 
 #: exporter/connection.py bug (see test_reset_right_after_tcp_accept_keeps_retrying): connect()
@@ -47,6 +53,14 @@ def knobs(cooldown=4, stable=3, backoff_min=0.5, backoff_max=2, connect_timeout=
     }
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+class _AnyFloat:
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, float)
+
+
+ANY_FLOAT = _AnyFloat()
 
 
 def cid(name: str, instance: str) -> str:
@@ -106,9 +120,14 @@ def observe(seconds: float, sample, interval: float = 0.1) -> list:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_duplicate_instance_enters_cooldown_and_bounds_the_loop(broker, exporter_factory):
+@pytest.mark.parametrize("presence", [True, False], ids=["presence", "no-presence"])
+def test_duplicate_instance_enters_cooldown_and_bounds_the_loop(broker, exporter_factory,
+                                                                presence):
     cooldown, stable, bmin, bmax = 4.0, 3.0, 0.25, 2.0
-    env = knobs(cooldown=cooldown, stable=stable, backoff_min=bmin, backoff_max=bmax)
+    # The ceiling at the cooldown: no doubling, so the period arithmetic below holds.
+    env = knobs(cooldown=cooldown, stable=stable, backoff_min=bmin, backoff_max=bmax,
+                MQTT_DUPLICATE_COOLDOWN_MAX_SECONDS=cooldown,
+                MQTT_PRESENCE_ENABLED=str(presence).lower())
     sites = [site("plant", broker)]
     client_id = cid("plant", "dup")
 
@@ -143,7 +162,16 @@ def test_duplicate_instance_enters_cooldown_and_bounds_the_loop(broker, exporter
     assert report["cooldowns"] >= 1
     assert m(cooling, "mqtt_site_cooldowns_total", site="plant") >= 1
     assert m(cooling, "mqtt_site_disconnects_total", site="plant", reason="takeover") >= 1
-    cooling.wait_log(COOLDOWN_LOG.format(secs="4"), timeout=5)
+    cooling.wait_log((IDENTIFIED_COOLDOWN_LOG if presence else COOLDOWN_LOG).format(secs="4"),
+                     timeout=5)
+    # Both sides flag the duplicate: identified by its record, or an unknown peer.
+    if presence:
+        for p in procs.values():
+            p.wait_metric("mqtt_site_duplicate_instance", lambda v: v == 1, 20, site="plant")
+    else:
+        assert report["duplicate"] == {"peer": "unknown", "first_seen": ANY_FLOAT,
+                                       "last_seen": ANY_FLOAT}
+        assert "Duplicate instance:" not in cooling.log_text()
 
     # Bounded loop: watch a fixed window while polling the broker log and both exporters.
     window = 12.0

@@ -392,3 +392,50 @@ def test_exporter_factory_kills_a_frozen_process(exporter_factory, broker, tmp_p
     ex.signal(signal.SIGSTOP)
     ex.cleanup()  # what the fixture does at teardown
     assert ex.returncode == -signal.SIGKILL
+
+
+# ------------------------------------------------------------------ amqtt: a broker that never kicks
+
+
+@pytest.mark.timeout(30)
+def test_amqtt_keeps_both_clients_with_one_id_connected_and_only_the_newest_hears(
+        amqtt_broker, conns):
+    """The fact the duplicate detection is built for: amqtt 0.12.1 never kicks the old client.
+
+    Two raw paho clients, one client ID, clean session (the exporter's default), both subscribed:
+    the second CONNECT gets a CONNACK and the first connection stays open; for 3 s (keepalive
+    1 s, so several PINGREQ rounds) the first one keeps getting PUBACKs for its own publishes,
+    which reach the second one, and neither sees a disconnect. Messages of a third client reach
+    only the second one: the first is connected but deaf (amqtt dropped its session's
+    subscriptions when the second connected). amqtt logs no take-over for clean sessions.
+    """
+    received: dict[str, list[str]] = {"old": [], "new": []}
+    subacks: dict[str, int] = {"old": 0, "new": 0}
+    pair = {}
+    for name in ("old", "new"):
+        c = conns(amqtt_broker, client_id="site_dup_itest", keepalive=1)
+        c.c.on_message = lambda cl, u, m, name=name: received[name].append(m.payload.decode())
+        c.c.on_subscribe = lambda cl, u, mid, rcs, p, name=name: subacks.__setitem__(name, subacks[name] + 1)
+        c.start().wait_connected()
+        c.c.subscribe("dup/#", qos=1)
+        wait_until(lambda name=name: subacks[name] == 1, 5, message=f"{name} SUBACK")
+        pair[name] = c
+    old, new = pair["old"], pair["new"]
+
+    other = conns(amqtt_broker, client_id="harness-pub").start().wait_connected()
+    for i in range(5):
+        other.c.publish("dup/x", f"m{i}", qos=1).wait_for_publish(5)
+    wait_until(lambda: len(received["new"]) == 5, 5, message=f"new got {received['new']}")
+
+    start, rounds = time.monotonic(), 0
+    while time.monotonic() - start < 3.0:  # active: every round needs the old link alive
+        tag = f"r{rounds}"
+        old.c.publish("dup/from-old", tag, qos=1).wait_for_publish(5)
+        wait_until(lambda tag=tag: tag in received["new"], 5, message=f"old's {tag} at new")
+        rounds += 1
+    assert old.c.is_connected() and new.c.is_connected()
+    assert old.disconnects == [] and new.disconnects == []
+    assert old.connack == [0] and new.connack == [0]
+    assert received["old"] == []  # connected, PUBACKed, PINGed, and deaf
+    assert received["new"][:5] == [f"m{i}" for i in range(5)]
+    assert amqtt_broker.takeovers() == 0

@@ -208,3 +208,26 @@ def test_farewell_packets_remaining_length_for_a_200_byte_topic():
     assert pkt[3:5] == (200).to_bytes(2, "big") and pkt[5:205] == topic.encode()
     assert pkt[205:207] != b"\x00\x00"  # a QoS 1 packet id must be non-zero
     assert pkt[207:] == b"offline\xe0\x00"
+
+
+def test_farewell_packets_with_the_presence_tombstone_first():
+    from exporter.wire import FAREWELL_PRESENCE_ID, FAREWELL_STATUS_ID
+
+    status, presence = "s/backend/status", "s/backend/instance"
+    tomb = b'{"state":"offline"}'
+    assert FAREWELL_PRESENCE_ID != FAREWELL_STATUS_ID and FAREWELL_PRESENCE_ID
+    for protocol, v5 in (("3.1.1", False), ("5", True)):
+        head = publish(presence, tomb, qos=1, retain=True, packet_id=0xFFFE, v5=v5)
+        for lwt in (True, False):
+            got = farewell_packets(status, protocol, lwt, presence=(presence, tomb))
+            assert got == head + farewell_packets(status, protocol, lwt)
+    # v3.1.1 with a will: tombstone (QoS 1 retained, id 0xFFFE), offline (id 0xFFFF), DISCONNECT.
+    v3 = farewell_packets(status, "3.1.1", True, presence=(presence, tomb))
+    n = 2 + len(presence) + 2 + len(tomb)
+    assert v3[:2] == bytes((0x33, n)) and v3[2 + 2 + len(presence):2 + 2 + len(presence) + 2] \
+        == b"\xff\xfe"
+    assert v3[2 + n:].startswith(b"\x33") and v3.endswith(b"\xff\xffoffline\xe0\x00")
+    # v5: the tombstone carries an empty property length, then DISCONNECT 0x04.
+    v5 = farewell_packets(status, "5", True, presence=(presence, tomb))
+    assert v5 == bytes((0x33, n + 1)) + b"\x00\x12" + presence.encode() + b"\xff\xfe\x00" \
+        + tomb + b"\xe0\x01\x04"

@@ -11,7 +11,8 @@ DEFAULT_STATES: dict[str, float] = {
     "online": 1, "offline": 0, "open": 1, "closed": 0,
 }
 #: Families the exporter owns; bridged names never start with these (see names.bridged_name).
-RESERVED_METRIC_PREFIXES = ("mqtt_site_", "mqtt_exporter_", "mqtt_bridge_", "process_", "python_")
+RESERVED_METRIC_PREFIXES = ("mqtt_site_", "mqtt_exporter_", "mqtt_bridge_", "mqtt_broker_", "process_",
+                            "python_")
 #: Label names a bridged series cannot take from a topic.
 RESERVED_LABELS = ("site", "topic", "le", "quantile")
 #: Suffixes promtool reserves for counters, histograms and summaries; a bridged gauge

@@ -44,6 +44,10 @@ class Settings:
     stable_seconds: float = 10.0
     connect_timeout: float = 10.0
     bridge_max_series: int = 100_000
+    presence_enabled: bool = True
+    presence_interval_seconds: float = 30.0
+    duplicate_cooldown_max_seconds: float = 600.0
+    broker_event_window_seconds: float = 1.0
     sites: tuple[SiteConfig, ...] = ()
 
 

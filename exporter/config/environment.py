@@ -144,6 +144,22 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Seconds to wait for a CONNACK.", minimum=0, exclusive_minimum=True),
     EnvVar("MQTT_BRIDGE_MAX_SERIES", "bridge_max_series", "integer", 100_000,
            "Cap on bridged series over all sites together.", minimum=1),
+    EnvVar("MQTT_PRESENCE_ENABLED", "presence_enabled", "boolean", True,
+           "Publish a retained presence record on <site>/backend/instance and watch it, to "
+           "identify another process that uses the same client ID (needs publish and "
+           "subscribe rights on that topic)."),
+    EnvVar("MQTT_PRESENCE_INTERVAL_SECONDS", "presence_interval_seconds", "number", 30.0,
+           "How often each site republishes its presence record and checks that the broker "
+           "echoes it back: a connection that stops receiving its own record has lost its "
+           "session to another client (brokers such as amqtt never close the old connection).",
+           minimum=1),
+    EnvVar("MQTT_DUPLICATE_COOLDOWN_MAX_SECONDS", "duplicate_cooldown_max_seconds", "number",
+           600.0, "Ceiling of the cooldown while a duplicate instance is identified: it "
+           "doubles from MQTT_COOLDOWN_SECONDS at each takeover up to this.", minimum=0),
+    EnvVar("MQTT_BROKER_EVENT_WINDOW_SECONDS", "broker_event_window_seconds", "number", 1.0,
+           "Connection losses of two or more sites of one broker within this many seconds "
+           "are a broker event (restart, crash, network), never a takeover.",
+           minimum=0, exclusive_minimum=True),
 )
 
 

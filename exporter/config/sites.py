@@ -101,6 +101,11 @@ class SiteConfig:
     def status_topic(self) -> str:
         return f"{self.name}/backend/status"
 
+    @property
+    def presence_topic(self) -> str:
+        """Where each process using this site's client ID keeps its retained presence record."""
+        return f"{self.name}/backend/instance"
+
 
 def is_ipv6(host: str) -> bool:
     """True for an IPv6 address without brackets."""

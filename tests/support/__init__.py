@@ -10,6 +10,7 @@ Everything listens on 127.0.0.1 only.
 - :mod:`.scripted`: a scripted MQTT peer (``FakeV5Broker``)
 - :mod:`.prometheus`: a real Prometheus (``Prometheus``)
 """
+from .amqtt import AMQTT_MISSING, AmqttBroker, find_amqtt
 from .broker import Broker, StatusWatcher, retained, retained_all
 from .exporter import ExporterProcess, site
 from .net import (
@@ -27,14 +28,17 @@ from .net import (
 from .scripted import ConnectInfo, FakeV5Broker, parse_connect
 
 __all__ = [
+                  "AMQTT_MISSING",
                   "HOST",
                   "MOSQUITTO_MISSING",
                   "REPO_ROOT",
+                  "AmqttBroker",
                   "Broker",
                   "ConnectInfo",
                   "ExporterProcess",
                   "FakeV5Broker",
                   "StatusWatcher",
+                  "find_amqtt",
                   "find_mosquitto",
                   "find_tool",
                   "free_port",

@@ -75,7 +75,9 @@ class FakeV5Broker:
     id)], ``connects`` [ConnectInfo], ``published`` [(monotonic, topic, payload, qos, retain)],
     ``kicks`` [(monotonic, client id)], ``pubacks`` [packet id] sent by the client.
     ``suback_code`` overrides every SUBACK return code (0x80: refused, as an ACL would),
-    ``after_suback`` is written right after each SUBACK (scripted traffic for the client);
+    ``after_suback`` is written right after each SUBACK (scripted traffic for the client),
+    except the SUBACK of a SUBSCRIBE to presence topics only (``*/backend/instance``, the
+    exporter's separate presence subscription) unless ``presence_traffic`` is true;
     with ``dribble=(n, interval)`` it is written ``n`` bytes every ``interval`` seconds, the
     way a slow link delivers it (packets from the client are answered only once it is all
     written, as a broker queues its replies behind a message in flight), and
@@ -89,13 +91,17 @@ class FakeV5Broker:
 
     def __init__(self, kick_after: float | None = None, kick_reason: int = 0x8E,
                  suback_code: int | None = None, after_suback: bytes = b"",
-                 reset_on_accept: bool = False, dribble: tuple[int, float] | None = None):
+                 reset_on_accept: bool = False, dribble: tuple[int, float] | None = None,
+                 presence_traffic: bool = False):
         self.kick_after = kick_after
         self.kick_reason = kick_reason
         self.suback_code = suback_code
         self.after_suback = after_suback
         self.reset_on_accept = reset_on_accept
         self.dribble = dribble
+        self.presence_traffic = presence_traffic
+        #: Topic filters of every SUBSCRIBE received, in order: [[filter, ...], ...].
+        self.subscriptions: list[list[str]] = []
         self.after_suback_done: list[float] = []
         self.disconnects: list[tuple[float, str, int | None]] = []
         self.accepted = 0
@@ -223,13 +229,19 @@ class FakeV5Broker:
                         plen, i = _read_varint(body, i)
                         i += plen
                     codes = bytearray()
+                    filters: list[str] = []
                     while i < len(body):
-                        _, i = _read_str(body, i)
+                        raw, i = _read_str(body, i)
+                        filters.append(raw.decode("utf-8", "replace"))
                         codes.append(min(body[i] & 0x03, 1) if self.suback_code is None
                                      else self.suback_code)
                         i += 1
                     send(wire.suback(int.from_bytes(pid, "big"), codes, v5))
-                    self._send_after_suback(send, state)
+                    with self._lock:
+                        self.subscriptions.append(filters)
+                    presence_only = all(f.endswith("/backend/instance") for f in filters)
+                    if self.presence_traffic or not presence_only:
+                        self._send_after_suback(send, state)
                 elif ptype == 10:  # UNSUBSCRIBE
                     pid, i = body[:2], 2
                     if v5:
