@@ -97,6 +97,19 @@ def assert_names_the_other(proc, other) -> None:
         assert len(lines) == 1, proc.log_tail(40)
 
 
+def hold_every_site(a, b, ceiling: float) -> None:
+    """Make A hold every site and B cool down on every one: B is frozen until A has taken
+    them all back, then thawed (it finds its sockets closed and cools down)."""
+    b.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: all_connected(a), ceiling + 10, interval=0.1,
+                   message="A holds every site while B is frozen")
+    finally:
+        b.signal(signal.SIGCONT)
+    wait_until(lambda: all(s["state"] == "cooldown" for s in sites_report(b).values()), 10,
+               interval=0.05, message="B cooling down on every site")
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_two_instances_flag_every_site_on_both_sides(broker, exporter_factory, protocol):
     a, b, t0 = start_pair(broker, exporter_factory, protocol, knobs())
@@ -166,18 +179,7 @@ def test_graceful_stop_of_one_clears_the_other(broker, exporter_factory):
                          knobs(cooldown=cooldown, ceiling=ceiling))
     wait_until(lambda: flagged(a) and flagged(b), FLAG_WITHIN, interval=0.1, message="flagged")
 
-    b.signal(signal.SIGSTOP)
-    try:
-        wait_until(lambda: all_connected(a), ceiling + 10, interval=0.1,
-                   message="A holds every site while B is frozen")
-    finally:
-        b.signal(signal.SIGCONT)
-
-    def b_cooling():
-        reports = sites_report(b)
-        return all(s["state"] == "cooldown" for s in reports.values())
-
-    wait_until(b_cooling, 10, interval=0.05, message="B cooling down on every site")
+    hold_every_site(a, b, ceiling)
     assert all_connected(a) and flagged(b)
 
     t_stop = time.monotonic()
@@ -242,14 +244,7 @@ def test_graceful_stop_of_the_one_in_cooldown_clears_the_holder_at_once(broker, 
     a, b, _ = start_pair(broker, exporter_factory, "3.1.1",
                          knobs(cooldown=cooldown, ceiling=ceiling))
     wait_until(lambda: flagged(a) and flagged(b), FLAG_WITHIN, interval=0.1, message="flagged")
-    b.signal(signal.SIGSTOP)
-    try:
-        wait_until(lambda: all_connected(a), ceiling + 10, interval=0.1,
-                   message="A holds every site while B is frozen")
-    finally:
-        b.signal(signal.SIGCONT)
-    wait_until(lambda: all(s["state"] == "cooldown" for s in sites_report(b).values()), 10,
-               interval=0.05, message="B cooling down on every site")
+    hold_every_site(a, b, ceiling)
     connects_before = {n: broker.connects(cid(n)) for n in NAMES}
 
     t_stop = time.monotonic()

@@ -5,6 +5,7 @@ repository root is on ``sys.path`` under pytest and under ``python -m bench``).
 Everything listens on 127.0.0.1 only.
 
 - :mod:`.net`: free ports, ``wait_until``, process clean-up, a paho client factory
+- :mod:`.process`: what the broker processes share (start, stop, freeze, clean-up)
 - :mod:`.broker`: a real Mosquitto (``Broker``) and its log accounting; ``StatusWatcher``
 - :mod:`.exporter`: the exporter as a subprocess (``ExporterProcess``)
 - :mod:`.scripted`: a scripted MQTT peer (``FakeV5Broker``)

@@ -33,28 +33,21 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from .net import (
     HOST,
     MOSQUITTO_MISSING,
-    _raise_nofile,
-    _read,
-    _tail,
     find_mosquitto,
     find_tool,
-    free_port,
-    kill_proc,
     mqtt_client,
-    port_accepts,
     wait_until,
 )
+from .process import BrokerProcess
 
 # --------------------------------------------------------------------------- Broker
 
@@ -75,14 +68,14 @@ _RE_DISCONNECT = re.compile(
 _RE_LIFECYCLE = re.compile(_TS + r"mosquitto version \S+ (?P<what>starting|terminating)$")
 
 
-class Broker:
+class Broker(BrokerProcess):
     """A real Debian mosquitto on 127.0.0.1:<free port>, in its own directory.
 
     Accounting (``events``/``connects``/``takeovers``/``max_concurrent``) is parsed from the
     broker's own log; the formats are documented at the top of this module.
     """
 
-    host = HOST
+    name = "mosquitto"
 
     def __init__(
         self,
@@ -94,19 +87,13 @@ class Broker:
         binary = find_mosquitto()
         if binary is None:
             raise RuntimeError(MOSQUITTO_MISSING)
-        self.binary = binary
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(binary, directory, port)
         self.users = dict(users or {})
-        self._fixed_port = port is not None
-        self.port = port if port is not None else free_port()
         self.extra_conf = extra_conf
         self.conf_path = self.dir / "mosquitto.conf"
         self.log_path = self.dir / "mosquitto.log"
-        self.stderr_path = self.dir / "mosquitto.stderr"
+        self.output_path = self.stderr_path = self.dir / "mosquitto.stderr"
         self.passwd_path = self.dir / "passwd"
-        self.proc: subprocess.Popen | None = None
-        self._stderr_fh = None
         if self.users:
             self._write_passwords()
 
@@ -150,110 +137,6 @@ class Broker:
         if self.extra_conf:
             lines.append(self.extra_conf)
         self.conf_path.write_text("\n".join(lines) + "\n")
-
-    # -- lifecycle
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://{HOST}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> Broker:
-        """Start mosquitto and wait until its port accepts a TCP connection.
-
-        On a first start with a port we chose, a lost race for the port is retried on a new one;
-        a restart keeps the port (mosquitto sets SO_REUSEADDR, so TIME_WAIT does not block it).
-        """
-        if self.running:
-            raise RuntimeError("broker already running")
-        attempts = 1 if (self._fixed_port or self.proc is not None) else 3
-        for attempt in range(attempts):
-            self._write_conf()
-            if self._stderr_fh:
-                self._stderr_fh.close()
-            self._stderr_fh = open(self.stderr_path, "ab")
-            self.proc = subprocess.Popen(
-                [self.binary, "-c", str(self.conf_path)],
-                cwd=self.dir,
-                stdin=subprocess.DEVNULL,
-                stdout=self._stderr_fh,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_raise_nofile,
-            )
-            try:
-                wait_until(
-                    lambda: self.proc.poll() is not None or port_accepts(HOST, self.port),
-                    timeout,
-                    interval=0.01,
-                    message=f"mosquitto accepting on {HOST}:{self.port}",
-                )
-            except AssertionError:
-                self.cleanup()
-                raise AssertionError(f"mosquitto did not start:\n{self.diagnostics()}") from None
-            if self.proc.poll() is None:
-                return self
-            if attempt + 1 < attempts:
-                self.port = free_port()
-        raise AssertionError(f"mosquitto exited at start (rc={self.proc.returncode}):\n{self.diagnostics()}")
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (after SIGCONT, in case it is frozen) and wait. Returns the exit status."""
-        if not self.running:
-            return self.proc.returncode if self.proc else 0
-        os.kill(self.proc.pid, signal.SIGCONT)
-        self.proc.terminate()
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.cleanup()
-            raise AssertionError(f"mosquitto ignored SIGTERM for {timeout}s") from None
-
-    def kill(self) -> int:
-        """SIGKILL and reap."""
-        if not self.running:
-            return self.proc.returncode if self.proc else 0
-        self.proc.kill()
-        return self.proc.wait(timeout=10)
-
-    def freeze(self) -> None:
-        """SIGSTOP: the kernel still completes TCP handshakes (listen backlog), nothing answers."""
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def restart(self, timeout: float = 10.0) -> Broker:
-        """Stop (SIGTERM) and start again on the same port."""
-        self.stop()
-        return self.start(timeout=timeout)
-
-    def cleanup(self) -> None:
-        """Teardown: SIGCONT + SIGKILL + reap if running. Idempotent, never raises."""
-        kill_proc(self.proc)
-        if self._stderr_fh:
-            self._stderr_fh.close()
-            self._stderr_fh = None
-
-    # -- logs
-    def log_text(self) -> str:
-        return _read(self.log_path)
-
-    def diagnostics(self, lines: int = 40) -> str:
-        return (
-            f"--- {self.conf_path}\n{_read(self.conf_path)}"
-            f"--- {self.stderr_path} (tail)\n{_tail(_read(self.stderr_path), lines)}\n"
-            f"--- {self.log_path} (tail)\n{_tail(self.log_text(), lines)}"
-        )
-
-    def wait_log(self, regex: str, timeout: float) -> re.Match:
-        pattern = re.compile(regex, re.M)
-        return wait_until(lambda: pattern.search(self.log_text()), timeout, message=f"broker log /{regex}/")
 
     # -- accounting
     def events(self) -> list[tuple[float, str, str]]:
@@ -327,8 +210,6 @@ class Broker:
                 live = max(0, live - 1)
         return live, peak
 
-    def __repr__(self) -> str:
-        return f"<Broker {HOST}:{self.port} pid={self.pid} running={self.running}>"
 
 
 # --------------------------------------------------------------------------- status watching
