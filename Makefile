@@ -2,7 +2,11 @@
 #   make test   - venv + Debian tools, then the pytest suite (what .ci/run does)
 #   make demo   - local mosquitto + simulated sites + exporter on 127.0.0.1:8000
 #   make lint   - ruff over the repository, mypy --strict over exporter/
-#   make bench  - benchmarks (package bench/)
+#   make test-image - build the Dockerfile with podman and run it against a real broker
+#                 (root: installs podman, runc, debootstrap; builds the stand-in base image)
+#   make bench  - benchmarks (package bench/): report in .bench/results.md (untracked);
+#                 exits non-zero when a benchmark fails or misses its target
+#   make bench-update - the same, but rewrites the committed bench/results.md (on purpose)
 
 PYTHON ?= python3
 VENV := .venv
@@ -15,7 +19,7 @@ AMQTT_VENV := .venv-amqtt
 AMQTT_BIN := $(AMQTT_VENV)/bin/amqtt
 AMQTT_VERSION := 0.12.1
 
-.PHONY: venv deps test lint demo bench check-config clean
+.PHONY: venv deps test test-image lint demo bench bench-update check-config clean
 
 venv: $(STAMP)
 
@@ -40,12 +44,25 @@ lint: venv
 	$(VENV_PY) -m ruff check exporter tests bench scripts
 	$(VENV_PY) -m mypy exporter
 
+# The image test (tests/test_image_e2e.py) alone: podman build + run + restart + stop.
+# The base image python:<tag> is built once from Debian packages (cached in podman's store).
+test-image: venv
+	PYTHON=$(PYTHON) bash scripts/ensure-deps.sh podman runc debootstrap
+	bash scripts/build-base-image.sh
+	MQTT_IMAGE_TEST=1 $(VENV_PY) -m pytest -q -rP -p no:cacheprovider tests/test_image_e2e.py $(PYTEST_ARGS)
+
 demo: deps venv
 	bash scripts/ensure-deps.sh mosquitto_sub
 	$(VENV_PY) scripts/demo.py
 
+# Results go to the untracked .bench/results.md; a missed target exits 1 (and fails make).
+BENCH_ARGS ?=
 bench: deps venv $(AMQTT_BIN)
-	$(VENV_PY) -m bench
+	$(VENV_PY) -m bench --output .bench/results.md $(BENCH_ARGS)
+
+# Updating the committed figures is a deliberate step: this rewrites bench/results.md.
+bench-update: deps venv $(AMQTT_BIN)
+	$(VENV_PY) -m bench --output bench/results.md $(BENCH_ARGS)
 
 # Validate a sites file without connecting anywhere (default: the demo one).
 check-config: venv

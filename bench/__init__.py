@@ -2,13 +2,14 @@
 
 ``BENCHMARKS`` is the registry: name -> function taking a :class:`bench.common.BenchContext`
 and returning a :class:`bench.common.BenchResult`. To add one, write ``bench/<name>.py``
-with a ``run(ctx)`` function and add it here. Results go to ``bench/results.md``.
+with a ``run(ctx)`` function and add it here. Results go to ``.bench/results.md``
+(untracked); ``make bench-update`` rewrites the committed ``bench/results.md`` on purpose.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import bridge, duplicates, kill_offline, scrape, shutdown
+from . import bridge, duplicates, faults, kill_offline, scrape, shutdown
 from .common import BenchContext, BenchResult
 
 BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
@@ -17,4 +18,5 @@ BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
     "bridge": bridge.run,
     "scrape": scrape.run,
     "duplicates": duplicates.run,
+    "faults": faults.run,
 }

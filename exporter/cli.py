@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import __version__
 
@@ -22,15 +22,43 @@ PROG = "mqtt-site-exporter"
 EXIT_CONFIG = 2
 
 
-def _load_settings_or_exit() -> Settings:
+def _config_error_exit(errors: Sequence[str]) -> NoReturn:
+    print(f"{PROG}: invalid configuration ({len(errors)} problem(s)):", file=sys.stderr)
+    for line in errors:
+        print(f"  - {line}", file=sys.stderr)
+    raise SystemExit(EXIT_CONFIG)
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, str]:
+    """The configuration flags given on the command line, by environment variable name."""
+    from .config.environment import ENV_VARS
+    return {var.name: getattr(args, var.name) for var in ENV_VARS
+            if var.flag is not None and hasattr(args, var.name)}
+
+
+def _load_settings_or_exit(args: argparse.Namespace) -> Settings:
     from .config import ConfigError, load_settings
     try:
-        return load_settings()
+        return load_settings(overrides=flag_overrides(args))
     except ConfigError as exc:
-        print(f"{PROG}: invalid configuration ({len(exc.errors)} problem(s)):", file=sys.stderr)
-        for line in exc.errors:
-            print(f"  - {line}", file=sys.stderr)
-        raise SystemExit(EXIT_CONFIG) from None
+        _config_error_exit(exc.errors)
+
+
+#: Signals that stop the service cleanly (farewell, shutdown record, exit 0).
+SHUTDOWN_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT")
+
+
+def _web_config_kwargs(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(make_server kwargs, make_app kwargs) for the web config (EXPORTER_WEB_CONFIG_FILE,
+    --web.config.file; read and validated with the settings): TLS and basic auth. Exits 2
+    naming the file when its TLS material cannot be loaded any more."""
+    config = settings.web_config
+    if config is None:
+        return {}, {}
+    try:
+        return {"ssl_context": config.ssl_context()}, {"authorize": config.authorize}
+    except (OSError, ValueError) as exc:
+        _config_error_exit([f"web config: {settings.web_config_file}: {exc}"])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -46,8 +74,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     log = logging.getLogger("exporter")
     stop_requested = Event()  # type: ignore[no-untyped-call]
     signal_at: list[float] = []
+    running: list[Any] = []  # the Service, once built (for the SIGUSR1 dump)
 
-    def on_signal(signum: int) -> None:
+    def on_stop(signum: int) -> None:
         if signal_at:
             log.warning("Second %s during shutdown: exiting now", signal.Signals(signum).name)
             logging.shutdown()
@@ -56,11 +85,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("%s received: shutting down", signal.Signals(signum).name)
         stop_requested.set()  # type: ignore[no-untyped-call]
 
-    # First thing: a SIGTERM during start-up must still mean a clean exit.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        gevent.signal_handler(signum, on_signal, signum)  # type: ignore[no-untyped-call]
+    def on_hup(signum: int) -> None:
+        log.warning("SIGHUP received: configuration reload is not available in this version; "
+                    "keeping the running configuration (restart to apply changes)")
 
-    settings = _load_settings_or_exit()
+    def on_usr1(signum: int) -> None:
+        from .logs import dump_state
+        states = running[0].site_states if running else []
+        dump_state(states, log, pause=lambda: gevent.sleep(0))  # type: ignore[no-untyped-call]
+
+    def on_usr2(signum: int) -> None:
+        log.warning("SIGUSR2 received: not used by this exporter; ignored")
+
+    # First thing: a SIGTERM during start-up must still mean a clean exit, and no signal an
+    # operator commonly sends may kill the process by its default action.
+    handlers: list[tuple[str, Callable[[int], None]]] = [
+        *((name, on_stop) for name in SHUTDOWN_SIGNALS),
+        ("SIGHUP", on_hup), ("SIGUSR1", on_usr1), ("SIGUSR2", on_usr2)]
+    for name, handler in handlers:
+        signum = getattr(signal, name)
+        gevent.signal_handler(signum, handler, signum)  # type: ignore[no-untyped-call]
+
+    settings = _load_settings_or_exit(args)
+    from .config.environment import ensure_state_dir, source
+    problem = ensure_state_dir(settings.state_dir)
+    if problem is not None:
+        _config_error_exit([f"{source('MQTT_STATE_DIR', flag_overrides(args))}: {problem}"])
+    server_kw, app_kw = _web_config_kwargs(settings)
     from .http import make_app, make_server
     from .logs import configure_logging
     from .metrics import process_registry
@@ -68,8 +119,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     service = Service(settings)
+    running.append(service)
+    from .supervisor import reserved_descriptors
     server = make_server(settings.listen_host, settings.listen_port,
-                         make_app(service, process_registry()))
+                         make_app(service, process_registry(), **app_kw), **server_kw,
+                         max_connections=settings.http_max_connections,
+                         timeout=settings.http_timeout_seconds,
+                         reserved_fds=reserved_descriptors(len(settings.sites)))
     try:
         server.start()  # type: ignore[no-untyped-call]
     except OSError as exc:
@@ -91,12 +147,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .config import summarize_site
-    settings = _load_settings_or_exit()
+    settings = _load_settings_or_exit(args)
     for site in settings.sites:
         print(summarize_site(site, settings.instance_id))
+    for warning in (w for site in settings.sites for w in site.warnings):
+        print(f"WARNING: {warning}", file=sys.stderr)  # deprecated keys, insecure TLS
     enabled = sum(1 for s in settings.sites if s.enabled)
+    listen = (f"[{settings.listen_host}]" if ":" in settings.listen_host
+              else settings.listen_host) + f":{settings.listen_port}"
+    web = settings.web_config_file or "-"
     print(f"OK: {settings.sites_file}: {len(settings.sites)} sites ({enabled} enabled), "
-          f"instance ID {settings.instance_id}")
+          f"instance ID {settings.instance_id}; listen {listen}, web config {web}, "
+          f"log {settings.log_level} {settings.log_format}, state dir {settings.state_dir}")
     return 0
 
 
@@ -150,16 +212,38 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if report.get("status") == "healthy" else 1
 
 
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The exporter-style flags (``--log.level``...), one per variable that declares one; each
+    overrides its environment variable. Unset flags leave no attribute (SUPPRESS), so a flag
+    given before the subcommand survives the subcommand's parser."""
+    from .config.environment import ENV_VARS
+    group = parser.add_argument_group(
+        "configuration flags", "each overrides its environment variable (docs/configuration.md)")
+    for var in ENV_VARS:
+        if var.flag is not None:
+            group.add_argument(var.flag, dest=var.name, default=argparse.SUPPRESS,
+                               metavar=var.flag.rsplit(".", 1)[-1].replace("-", "_").upper(),
+                               help=f"overrides {var.name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Keep one MQTT connection per site and expose it to Prometheus. "
-        "Configured by MQTT_* environment variables and the sites file (see README).")
+        "Configured by MQTT_* environment variables (or the flags below) and the sites file "
+        "(see README).")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    add_config_flags(parser)
     sub = parser.add_subparsers(dest="command", metavar="{run,check-config,status}")
-    sub.add_parser("run", help="run the service (default)",
-                   description="Run the service until SIGTERM or SIGINT.")
-    sub.add_parser("check-config", help="validate the configuration and print the sites",
-                   description="Validate environment and sites file; exit 2 on any error.")
+    run = sub.add_parser(
+        "run", help="run the service (default)",
+        description="Run the service until SIGTERM, SIGINT or SIGQUIT (each a clean shutdown). "
+        "SIGHUP: configuration reload (not available yet: logged, the process keeps running). "
+        "SIGUSR1: write every site's state and every greenlet's stack to the log.")
+    add_config_flags(run)
+    check = sub.add_parser("check-config", help="validate the configuration and print the sites",
+                           description="Validate environment, flags and sites file; exit 2 on "
+                           "any error.")
+    add_config_flags(check)
     status = sub.add_parser("status", help="print the verbose health of a running exporter",
                             description="Print /health?verbose=true of a running exporter as "
                             "a table. Exit 0 healthy, 1 degraded or critical, 3 unreachable.")
@@ -173,6 +257,16 @@ COMMANDS: dict[str | None, Callable[[argparse.Namespace], int]] = {
     None: cmd_run, "run": cmd_run, "check-config": cmd_check_config, "status": cmd_status}
 
 
+def _is_run(argv: Sequence[str]) -> bool:
+    return not any(word in ("check-config", "status") for word in argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _is_run(argv):
+        # Building the parser imports the configuration module (the flags are declared
+        # there), which imports ssl and socket: patch before, as run needs.
+        from gevent import monkey
+        monkey.patch_all()  # type: ignore[no-untyped-call]
     args = build_parser().parse_args(argv)
     return COMMANDS[args.command](args)

@@ -19,6 +19,7 @@ logger with the site, and ``suppress_exceptions`` stays on as a second net.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -30,6 +31,7 @@ from .wire import Deliver, walk
 
 if TYPE_CHECKING:
     from .config import SiteConfig
+    from .config.tls import TlsConfig
     from .state import SiteState
 
 RECV_SIZE = 65536
@@ -63,6 +65,10 @@ class ErrorReporter:
         self.interval = interval
         self._next_log_at: float | None = None
         self._suppressed = 0
+        #: The last socket error paho reported in its log (it returns a code, not the
+        #: exception): the cause of a connection lost inside paho, e.g. a TLS alert while
+        #: writing CONNECT. The connection clears it before each attempt.
+        self.socket_error: OSError | None = None
 
     def report(self, where: str, exc: BaseException) -> None:
         """Count ``exc`` (raised in ``where``) and log it unless the site logged one lately."""
@@ -102,6 +108,11 @@ class _PahoLog(logging.LoggerAdapter[logging.Logger]):
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         if level < logging.WARNING:
             return
+        error = next((a for a in args if isinstance(a, OSError)), None)
+        if error is not None and self.errors is not None:
+            # "failed to receive on socket" (paho says so for sends too): the connection
+            # classifies it (exporter.connection.describe_failure) into last_error.
+            self.errors.socket_error = error
         if (self.errors is not None and level >= logging.ERROR
                 and str(msg).startswith("Caught exception")):
             self.errors.state.internal_errors += 1
@@ -131,8 +142,8 @@ def build_client(site: SiteConfig, client_id: str, *, clean_session: bool,
     if site.username:
         client.username_pw_set(site.username,
                                site.password.reveal() if site.password else None)
-    if site.tls:
-        client.tls_set(ca_certs=site.ca_file)
+    if site.tls is not None:
+        client.tls_set_context(tls_context(site.tls))
     if will is not None:
         client.will_set(will[0], will[1], qos=1, retain=True)
     client.on_connect = errors.guard(on_connect, "on_connect")
@@ -140,6 +151,42 @@ def build_client(site: SiteConfig, client_id: str, *, clean_session: bool,
     client.on_message = errors.guard(on_message, "on_message")
     client.on_subscribe = errors.guard(on_subscribe, "on_subscribe")
     return client
+
+
+class _SiteContext(ssl.SSLContext):
+    """An SSLContext that verifies (and sends as SNI) ``server_name`` instead of the host
+    paho connects to: paho 2.2 always passes its host as ``server_hostname``.
+
+    Defined at import, so in the service (gevent-patched before this module is imported)
+    its base is gevent's cooperative SSLContext.
+    """
+
+    server_name: str | None = None
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False,
+                    do_handshake_on_connect: bool = True, suppress_ragged_eofs: bool = True,
+                    server_hostname: str | bytes | None = None,
+                    session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
+        return super().wrap_socket(sock, server_side, do_handshake_on_connect,
+                                   suppress_ragged_eofs, self.server_name or server_hostname,
+                                   session)
+
+
+def tls_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The client context for a site's ``tls:``: the system CAs or ``ca_file``, the client
+    certificate for mutual TLS, ``server_name``, or no verification at all."""
+    context = _SiteContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname, CERT_REQUIRED
+    context.server_name = tls.server_name
+    if tls.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif tls.ca_file:
+        context.load_verify_locations(cafile=tls.ca_file)
+    else:
+        context.load_default_certs()
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
 
 
 def drop_socket(client: mqtt.Client) -> None:

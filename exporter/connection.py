@@ -44,6 +44,8 @@ from .state import (
     CONNECTING,
     COOLDOWN,
     DISABLED,
+    KEEPALIVE_TIMEOUT,
+    NORMAL,
     STOPPING,
     TAKEOVER,
     SiteState,
@@ -71,6 +73,121 @@ MAX_IDLE_WAIT = 5.0
 #: Shortest interval between two of paho's keepalive checks (``loop_misc``) on a busy socket.
 MISC_INTERVAL = 0.25
 _READ, _WRITE = 1, 2
+
+
+#: OpenSSL alerts of a server that does not accept our client certificate.
+_CERT_REJECTED = ("ALERT_BAD_CERTIFICATE", "ALERT_UNKNOWN_CA", "ALERT_CERTIFICATE_UNKNOWN",
+                  "ALERT_CERTIFICATE_EXPIRED", "ALERT_CERTIFICATE_REVOKED",
+                  "ALERT_UNSUPPORTED_CERTIFICATE", "ALERT_ACCESS_DENIED", "ALERT_DECRYPT_ERROR")
+#: OpenSSL reasons for a peer that does not speak TLS.
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "RECORD_LAYER_FAILURE",
+            "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST", "UNEXPECTED_RECORD")
+#: X509 verify codes: the issuer is not trusted (no local issuer, self-signed, chain).
+_UNKNOWN_CA_CODES = (2, 18, 19, 20, 21)
+#: X509 verify codes: the certificate is not for this host name / IP address.
+_NAME_MISMATCH_CODES = (62, 64)
+#: Longest ``last_error``.
+MAX_ERROR_CHARS = 120
+_CLOSED = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ssl.SSLEOFError,
+           ssl.SSLZeroReturnError)
+
+
+def _short(exc: BaseException) -> str:
+    """A short, fixed-vocabulary cause: OpenSSL's reason code or the errno text, never the
+    exception's full message (which may quote a path or a peer's bytes)."""
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason).lower().replace("_", " ")
+    if isinstance(exc, ssl.SSLEOFError):
+        return "EOF in violation of the TLS protocol"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return type(exc).__name__
+
+
+def describe_failure(exc: BaseException | None, site: SiteConfig, *, handshake: bool) -> str:
+    """Why an attempt failed before a CONNACK, as ``SiteState.last_error`` says it: short,
+    with a fixed prefix (``tls:``, ``dns:``, ``refused:``...), never a secret.
+
+    ``exc`` is what failed (None: the broker closed the connection cleanly);
+    ``handshake`` is True when it came out of ``connect()`` (TCP connect and TLS handshake)
+    and False when it came later (writing CONNECT, waiting for CONNACK).
+
+    Measured with Mosquitto 2.0.11 and OpenSSL 3: a listener with ``require_certificate``
+    completes the TLS 1.3 handshake and then closes without an alert when the client sent no
+    certificate, with a ``certificate required`` alert that may or may not be read before
+    the EOF (writing CONNECT can fail first), and ``unknown ca`` (same race) for a certificate
+    it does not trust; a plain CONNECT to a TLS port gets a reset; a TLS
+    ClientHello to a plain port gets a reset during the handshake.
+    """
+    tls = site.tls
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        if exc.verify_code in _NAME_MISMATCH_CODES:
+            expected = (tls.server_name if tls is not None else None) or site.host
+            return f"tls: certificate name mismatch (expected {expected})"
+        if exc.verify_code in _UNKNOWN_CA_CODES:
+            return "tls: unknown CA"
+        return f"tls: certificate verify failed ({str(exc.verify_message).lower()})"
+    if isinstance(exc, ssl.CertificateError):  # paho's own match_hostname
+        return f"tls: certificate name mismatch (expected {site.host})"
+    if tls is not None and isinstance(exc, (ssl.SSLError, *_CLOSED)):
+        reason = str(getattr(exc, "reason", None) or "")
+        if reason.endswith("CERTIFICATE_REQUIRED"):
+            return "tls: client certificate required"
+        if reason.endswith(_CERT_REJECTED):
+            return ("tls: client certificate rejected" if tls.cert_file
+                    else "tls: client certificate required")
+        if reason.endswith(_NOT_TLS) or (handshake and isinstance(exc, _CLOSED)):
+            return "tls: TLS client on a plain port?"
+        if isinstance(exc, _CLOSED):
+            # Closed right after a good handshake, before CONNACK: the broker checked our
+            # certificate. Whether its alert or the EOF reaches us first is a race (writing
+            # CONNECT may hit the closed socket before the alert is read), so both say the same.
+            return ("tls: client certificate rejected" if tls.cert_file
+                    else "tls: client certificate required")
+        return f"tls: {_short(exc)}"
+    if exc is None:
+        return "closed by the broker before CONNACK"
+    if tls is None and not handshake and isinstance(exc, ConnectionResetError):
+        return "tls: plain MQTT on a TLS port?"
+    if isinstance(exc, socket.gaierror):
+        return "dns: cannot resolve host"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError):
+        return "timeout connecting" if handshake else "timeout waiting for CONNACK"
+    if isinstance(exc, OSError):
+        return f"{'connect failed' if handshake else 'connection lost'}: {_short(exc)}"[
+            :MAX_ERROR_CHARS]
+    return f"connect failed: {type(exc).__name__}"
+
+
+def describe_refusal(reason_code: Any) -> str:
+    """A CONNACK failure code as ``last_error`` says it (v3.1.1 codes arrive as v5 ones)."""
+    value = getattr(reason_code, "value", None)
+    if value in (5, 0x87):
+        return "refused: not authorised"
+    if value in (4, 0x86):
+        return "refused: bad user name or password"
+    return f"refused: {str(reason_code).lower()}"[:MAX_ERROR_CHARS]
+
+
+def describe_end(reason: str, end: ConnectionEnd, error: BaseException | None) -> str:
+    """How an established connection (or an attempt that left no cause) ended."""
+    if end.deaf:
+        return "takeover: our presence record stopped coming back"
+    if reason == TAKEOVER:
+        return "takeover: another client uses this client ID"
+    if reason == KEEPALIVE_TIMEOUT:
+        return "keepalive timeout"
+    if end.from_server:
+        return f"disconnected by the broker (reason code {end.reason_code})"
+    if reason == NORMAL:
+        return "disconnected"
+    if not end.connected:
+        return "connect failed"
+    if error is not None:
+        return f"connection lost: {_short(error)}"[:MAX_ERROR_CHARS]
+    return "connection lost: closed by the broker"
 
 
 class Clock(Protocol):
@@ -133,10 +250,16 @@ class SiteConnection:
         self._farewell_sent = False
         self._connack_ok = False
         self._attempt_started = 0.0
+        #: Why the current attempt failed (describe_failure), None while nothing is known.
+        self._attempt_error: str | None = None
+        #: The last error logged: the same one again is logged at DEBUG only.
+        self._logged_error: str | None = None
 
     def start(self) -> None:
         """Spawn the connection's greenlet (enabled sites only)."""
         if self.site.enabled:
+            for warning in self.site.warnings:  # deprecated keys, insecure_skip_verify
+                self.log.warning("%s", warning)
             self.log.info("Using client ID %s", self.client_id)
             self._greenlet = _spawn(self._run)
 
@@ -144,12 +267,13 @@ class SiteConnection:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: Any,
                     reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
-            self.log.warning("Broker %s refused the connection: %s", self.site.broker, reason_code)
+            self._attempt_error = describe_refusal(reason_code)
             return
         st, now = self.state, self.clock.monotonic()
         self._connack_ok = True
         st.state = CONNECTED
         st.connects += 1
+        st.refused_now = 0  # a new connection subscribes afresh
         st.connected_since = self.clock.time()
         st.connected_at_monotonic = now
         st.cooldown_until_monotonic = None
@@ -189,6 +313,7 @@ class SiteConnection:
                              refused[0])
         elif refused:  # e.g. an ACL: connected, but nothing will ever arrive
             self.state.subscriptions_refused += len(refused)
+            self.state.refused_now += len(refused)
             self.log.warning("Broker %s refused %d of the subscriptions %s: %s",
                              self.site.broker, len(refused), list(self.site.topics),
                              ", ".join(refused))
@@ -244,6 +369,9 @@ class SiteConnection:
             identified = self.tracker.identified
             decision = self.policy.next(replace(end, duplicate=identified))
             self._record_end(decision.reason)
+            self._note_error(self._attempt_error or describe_end(
+                decision.reason, end, self.errors.socket_error),
+                warn=decision.reason != TAKEOVER)  # takeovers have their own log lines
             if decision.reason == TAKEOVER:
                 self.tracker.on_takeover()  # an unknown peer, unless one is identified
             if decision.cooldown:
@@ -270,6 +398,8 @@ class SiteConnection:
         """Connect, then serve the connection until it ends. Returns how it ended."""
         client, site = self._client, self.site
         self._end, self._connack_ok = None, False
+        self._attempt_error = None
+        self.errors.socket_error = None
         self.state.state = CONNECTING
         self._attempt_started = self.clock.monotonic()
         try:
@@ -281,17 +411,35 @@ class SiteConnection:
                                clean_start=self.settings.clean_session, properties=props)
             else:
                 client.connect(site.host, site.port, site.keepalive)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            self.log.warning("Cannot connect to %s: %s", site.broker, exc)
+        except (OSError, ValueError) as exc:  # TCP connect and TLS handshake
+            self._attempt_error = describe_failure(exc, site, handshake=True)
             self._close_socket()
             return ConnectionEnd(connected=False)
         sock = client.socket()
-        if sock is None:  # paho lost it while writing CONNECT (no exception)
-            self.log.warning("Connection to %s lost before CONNECT was sent", site.broker)
+        if sock is None:  # paho lost it while writing CONNECT (no exception, only its log)
+            error = self.errors.socket_error
+            self._attempt_error = (describe_failure(error, site, handshake=False)
+                                   if error is not None
+                                   else "connection lost before CONNECT was sent")
             return ConnectionEnd(connected=False)
         self._serve(client, sock.fileno())
         self._close_socket()
+        if not self._connack_ok and self._attempt_error is None and not self._stopping:
+            self._attempt_error = describe_failure(self.errors.socket_error, site,
+                                                   handshake=False)
         return self._end or self._ended_now()
+
+    def _note_error(self, text: str, warn: bool = True) -> None:
+        """Record why the last attempt or connection ended; log it when it changed."""
+        st = self.state
+        st.last_error = text
+        st.last_error_at = self.clock.time()
+        if text != self._logged_error:
+            self._logged_error = text
+            self.log.log(logging.WARNING if warn else logging.INFO,
+                         "Connection to %s failed: %s", self.site.broker, text)
+        else:
+            self.log.debug("Connection to %s failed again: %s", self.site.broker, text)
 
     def _fast_path_enabled(self) -> bool:
         return self._connack_ok
@@ -318,8 +466,7 @@ class SiteConnection:
                 else:
                     timeout = connack_deadline - self.clock.monotonic()
                     if timeout <= 0:
-                        self.log.warning("No CONNACK from %s within %.1f s", self.site.broker,
-                                         self.settings.connect_timeout)
+                        self._attempt_error = "timeout waiting for CONNACK"
                         return
                 watcher = rw_watcher if client.want_write() else read_watcher
                 try:

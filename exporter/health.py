@@ -2,7 +2,9 @@
 
 ``healthy``: every enabled site connected and none duplicated; ``degraded``: some enabled
 site not connected, or another process uses some enabled site's client ID (a duplicate
-episode, docs/duplicates.md: on both instances); ``critical``: none connected (with at
+episode, docs/duplicates.md: on both instances), or the broker refused some of a connected
+site's subscriptions (SUBACK failure, e.g. an ACL: connected, but those topics never arrive;
+such a site is not counted as healthy, and its ``problems`` say why); ``critical``: none connected (with at
 least one enabled) or the service not running. HTTP 200 for healthy and degraded, 503
 for critical. No secret is ever included: the site objects carry none.
 """
@@ -17,10 +19,31 @@ HEALTHY, DEGRADED, CRITICAL = "healthy", "degraded", "critical"
 HTTP_STATUS = {HEALTHY: 200, DEGRADED: 200, CRITICAL: 503}
 
 
-def overall_status(running: bool, enabled: int, connected: int, duplicated: int = 0) -> str:
+def overall_status(running: bool, enabled: int, connected: int, duplicated: int = 0,
+                   refused: int = 0) -> str:
+    """``refused``: connected sites with refused subscriptions (degraded, never critical)."""
     if not running or (enabled and not connected):
         return CRITICAL
-    return HEALTHY if connected >= enabled and not duplicated else DEGRADED
+    return HEALTHY if connected >= enabled and not duplicated and not refused else DEGRADED
+
+
+def refused(st: SiteState) -> bool:
+    """A connected, enabled site whose broker refused some of its subscriptions on the
+    current connection (a reconnect that subscribes fine clears it)."""
+    return st.enabled and st.connected and st.refused_now > 0
+
+
+def site_problems(st: SiteState) -> list[str]:
+    """Why an enabled site is not healthy; empty when it is (or is disabled)."""
+    if not st.enabled:
+        return []
+    problems = [] if st.connected else [f"not connected ({st.state})"]
+    if st.duplicate is not None:
+        problems.append("another process uses this client ID")
+    if refused(st):
+        problems.append(f"{st.refused_now} subscription(s) refused by the broker "
+                        "(SUBACK failure, e.g. an ACL): those topics are not received")
+    return problems
 
 
 def site_report(st: SiteState, now_monotonic: float) -> dict[str, Any]:
@@ -35,11 +58,14 @@ def site_report(st: SiteState, now_monotonic: float) -> dict[str, Any]:
         "connected_since": st.connected_since,
         "last_disconnect_reason": st.last_disconnect_reason,
         "last_disconnect_at": st.last_disconnect_at,
+        "last_error": st.last_error,
+        "last_error_at": st.last_error_at,
         "connects": st.connects,
         "reconnects": st.reconnect_attempts,
         "cooldowns": st.cooldowns,
         "cooldown_remaining_s": round(st.cooldown_remaining(now_monotonic), 3),
         "subscriptions_refused": st.subscriptions_refused,
+        "problems": site_problems(st),
         "messages_received": st.messages_received,
         "last_message_at": st.last_message_at,
         "duplicate": st.duplicate.report() if st.duplicate is not None else None,
@@ -52,12 +78,14 @@ def health_report(running: bool, instance_id: str, states: Sequence[SiteState],
     enabled = sum(1 for st in states if st.enabled)
     connected = sum(1 for st in states if st.enabled and st.connected)
     duplicated = sum(1 for st in states if st.enabled and st.duplicate is not None)
-    status = overall_status(running, enabled, connected, duplicated)
+    with_refusals = sum(1 for st in states if refused(st))
+    status = overall_status(running, enabled, connected, duplicated, with_refusals)
+    healthy = connected - with_refusals
     body: dict[str, Any] = {
         "status": status,
         "service": {"running": running, "instance_id": instance_id},
         "connections": {"total": len(states), "enabled": enabled,
-                        "healthy": connected, "unhealthy": enabled - connected},
+                        "healthy": healthy, "unhealthy": enabled - healthy},
     }
     if verbose:
         body["sites"] = [site_report(st, now_monotonic) for st in states]

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -444,13 +444,71 @@ def _bucket_heads(name: str, bounds: tuple[float, ...]) -> tuple[str, ...]:
 
 # -- HTTP ------------------------------------------------------------------------------------
 
+#: What the text renderer writes: the text format 0.0.4 (prometheus_client's
+#: CONTENT_TYPE_LATEST now says version=1.0.0, which this body is not).
+CONTENT_TYPE_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+#: OpenMetrics 1.0, served when the scraper asks for it in ``Accept``.
+CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def wants_openmetrics(accept: str) -> bool:
+    """True when ``Accept`` offers OpenMetrics (1.0.0, or no version) with a non-zero
+    quality, as Prometheus does (``application/openmetrics-text;version=1.0.0,...``)."""
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        if media.lower() != "application/openmetrics-text":
+            continue
+        options = dict(p.partition("=")[::2] for p in params)
+        if options.get("version", "1.0.0").strip() not in ("1.0.0", "0.0.1"):
+            continue
+        try:
+            if float(options.get("q", "1")) <= 0:
+                continue
+        except ValueError:
+            continue
+        return True
+    return False
+
+
+#: The info families of :data:`FAMILIES` (a gauge named ``*_info`` in the text format).
+_INFO_NAMES = frozenset(f.name for f in FAMILIES if f.type == INFO)
+#: A family's metadata in the text format: optional HELP, then TYPE.
+_TEXT_HEADER = re.compile(r"^(?:# HELP (\S+) (.*)\n)?# TYPE (\S+) (\S+)$", re.M)
+
+
+def _openmetrics_header(match: re.Match[str]) -> str:
+    help_name, help_text, name, kind = match.groups()
+    if kind == "counter" and name.endswith("_total"):
+        name = name[:-6]  # the family; its samples keep _total
+    elif kind == "gauge" and name in _INFO_NAMES:
+        name, kind = name[:-5], "info"
+    elif kind == "untyped":
+        kind = "unknown"
+    if help_name is None:
+        return f"# TYPE {name} {kind}"
+    # The text format escapes \ and newlines in HELP; OpenMetrics also escapes quotes.
+    help_text = help_text.replace('"', '\\"')
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}"
+
+
+def text_to_openmetrics(text: str) -> str:
+    """The text format 0.0.4 as made by prometheus_client (or our renderers) in OpenMetrics
+    1.0: counter families named without ``_total``, the service's info families typed
+    ``info``, quotes escaped in HELP, ``# EOF`` last. Sample lines are the same in both
+    formats, so only the metadata lines change: about 5 % of a scrape's time, where
+    prometheus_client's OpenMetrics writer takes 20x the text renderer's."""
+    return _TEXT_HEADER.sub(_openmetrics_header, text) + "# EOF\n"
+
+
 def make_metrics_app(service: ServiceView, registry: CollectorRegistry) -> WSGIApplication:
     """The WSGI app for ``/metrics``: the service's families (:func:`render_service_text`), the
     bridge's (``BridgeStore.render_text``, 100 k series in ~0.1 s where ``generate_latest``
     needs ~0.6 s) and whatever ``registry`` holds (the process collector) via
-    ``generate_latest``; text format 0.0.4, gzipped at level 1 when the client accepts it
-    (level 9 costs 6x more for 3 % less). The body is built without yielding to the hub, so
-    it is one consistent view.
+    ``generate_latest``; text format 0.0.4 (:data:`CONTENT_TYPE_TEXT`), or OpenMetrics 1.0
+    when the client's ``Accept`` asks for it (the same text, :func:`text_to_openmetrics`);
+    gzipped at level 1 when the client accepts it (level 9
+    costs 6x more for 3 % less). The body is built without yielding to the hub, so it is one
+    consistent view.
     """
     store = service.bridge_store
 
@@ -458,8 +516,13 @@ def make_metrics_app(service: ServiceView, registry: CollectorRegistry) -> WSGIA
         text = render_service_text(service)
         if store is not None:
             text += store.render_text()
-        body = text.encode() + generate_latest(registry)
-        headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+        if wants_openmetrics(environ.get("HTTP_ACCEPT", "")):
+            body = text_to_openmetrics(text + generate_latest(registry).decode()).encode()
+            content_type = CONTENT_TYPE_OPENMETRICS
+        else:
+            body = text.encode() + generate_latest(registry)
+            content_type = CONTENT_TYPE_TEXT
+        headers = [("Content-Type", content_type), ("Vary", "Accept, Accept-Encoding")]
         if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
             body = gzip.compress(body, compresslevel=1)
             headers.append(("Content-Encoding", "gzip"))

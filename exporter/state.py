@@ -111,12 +111,17 @@ class SiteState:
     connected_at_monotonic: float | None = None
     last_disconnect_reason: str | None = None
     last_disconnect_at: float | None = None
+    #: Why the last attempt or connection failed: short, sanitised, never a secret
+    #: ("tls: unknown CA", "refused: not authorised", "connection refused", ...).
+    last_error: str | None = None
+    last_error_at: float | None = None             # wall clock
     connects: int = 0
     disconnects: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DISCONNECT_REASONS, 0))
     reconnect_attempts: int = 0
     cooldowns: int = 0
     cooldown_until_monotonic: float | None = None
-    subscriptions_refused: int = 0                 # SUBACK failure codes seen
+    subscriptions_refused: int = 0                 # SUBACK failure codes seen (all time)
+    refused_now: int = 0                           # ... on the current connection
     internal_errors: int = 0                       # exceptions caught in our own code (bugs)
     duplicate: Duplicate | None = None             # another process using our client ID
     duplicate_detections: int = 0                  # duplicate episodes started

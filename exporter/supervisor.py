@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import random
 import resource
 from dataclasses import dataclass
@@ -24,8 +25,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Descriptors kept free for the HTTP server, logs and the state file.
+#: Descriptors kept free beyond one per site and the HTTP connections: logs, the state file,
+#: the listener, DNS lookups, a presence tombstone's extra connection.
 FD_HEADROOM = 256
+#: Descriptors the HTTP server leaves to the rest of the process beyond one per site (the
+#: descriptor budget's reserve; the HTTP cap comes out of FD_HEADROOM's remainder).
+FD_RESERVE = 64
 
 
 @dataclass(frozen=True)
@@ -36,15 +41,32 @@ class ShutdownResult:
     closed_abruptly: int
 
 
-def raise_fd_limit(needed: int) -> None:
-    """Lift the soft RLIMIT_NOFILE towards the hard limit when many sites need sockets."""
+def open_descriptors() -> int:
+    """Descriptors this process has open now (Linux: /proc/self/fd; elsewhere a guess)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 32
+
+
+def reserved_descriptors(sites: int) -> int:
+    """Descriptors HTTP must leave to everything else: those open now (stdio, logs, the
+    hub), one per site (its broker socket; an attempt's socket is closed before the next
+    starts) and :data:`FD_RESERVE`. HTTP gets the soft RLIMIT_NOFILE minus this."""
+    return open_descriptors() + sites + FD_RESERVE
+
+
+def raise_fd_limit(needed: int, http_connections: int = 0) -> None:
+    """Lift the soft RLIMIT_NOFILE towards the hard limit when many sites (``needed``
+    sockets) and ``http_connections`` HTTP connections need descriptors."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = needed + FD_HEADROOM
+    want = needed + http_connections + FD_HEADROOM
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
         if new < want:
-            log.warning("Only %d file descriptors allowed for %d sites", new, needed)
+            log.warning("Only %d file descriptors allowed for %d sites and %d HTTP connections",
+                        new, needed, http_connections)
 
 
 class Service:
@@ -90,7 +112,7 @@ class Service:
         return [conn.state for conn in self.connections]
 
     def start(self) -> None:
-        raise_fd_limit(len(self.connections))
+        raise_fd_limit(len(self.connections), self.settings.http_max_connections)
         for conn in self.connections:
             conn.start()
         self.running = True

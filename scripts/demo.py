@@ -153,6 +153,40 @@ def health_answers(url: str) -> bool:
     return True
 
 
+def python_command() -> str:
+    """This interpreter as a command that runs from the repository root: `.venv/bin/python`
+    for the project's venv (a bare `mqtt-site-exporter` is not on the PATH unless the venv is
+    activated), else the absolute path."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(ROOT))
+    except ValueError:
+        return str(exe)
+
+
+def try_commands(base: str) -> list[str]:
+    """The commands the banner suggests, each runnable as printed from the repository root."""
+    return [
+        f"curl -s {base}/health",
+        f"curl -s '{base}/health?verbose=true'",
+        f"curl -s {base}/metrics | grep ^mqtt_",
+        f"{python_command()} -m exporter status --url {base}",
+        f"mosquitto_sub -h {BROKER_HOST} -p {BROKER_PORT} -t '+/backend/status' -v",
+    ]
+
+
+def banner(base: str) -> str:
+    commands = "\n".join(f"  {c}" for c in try_commands(base))
+    return f"""
+Exporter is up on {base} (instance 'demo', sites from examples/sites.yml).
+Try, from the repository root ({ROOT}):
+
+{commands}
+
+Streaming the exporter's log; Ctrl-C stops the demo.
+"""
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=0,
@@ -215,17 +249,7 @@ def main() -> int:
                 say(f"exporter {state}; its output is above (and in .demo/exporter.log)")
             return 1
 
-        print(f"""
-Exporter is up on {base} (instance 'demo', sites from examples/sites.yml). Try:
-
-  curl -s {base}/health
-  curl -s '{base}/health?verbose=true'
-  curl -s {base}/metrics | grep ^mqtt_
-  mqtt-site-exporter status --url {base}
-  mosquitto_sub -h {BROKER_HOST} -p {BROKER_PORT} -t '+/backend/status' -v
-
-Streaming the exporter's log; Ctrl-C stops the demo.
-""", flush=True)
+        print(banner(base), flush=True)
         pump.release()
 
         deadline = time.monotonic() + args.duration if args.duration else None

@@ -4,15 +4,21 @@
 - ``promtool test rules alerts/tests/*.yml`` passes.
 - Every alert: prefix MqttSite/MqttExporter/MqttBroker in CamelCase, ``for:``, ``severity`` in
   critical/warning/info, ``summary`` (static, ends with a period), ``description`` (templated),
-  ``runbook_url`` = docs/operations.md#<lowercase name> whose heading exists.
+  ``runbook_url`` = <base URL>#<lowercase name>, absolute, whose heading exists in
+  docs/operations.md. The base URL is set once (scripts/alerts.py DEFAULT_BASE_URL), documented
+  in docs/operations.md, and the files are what the script writes.
 - Every alert has at least one promtool case where it fires (with exact labels and
   annotations) and one where it must not.
+- Portable: no rule selects a ``job``, and every promtool test passes again with the job
+  renamed (two other names), so every alert fires and stays silent under any job name.
 - Recording rules are named level:metric:operation.
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,7 +39,25 @@ REQUIRED_ALERTS = {
     "MqttSiteReconnectLoop", "MqttSiteDuplicateClientId", "MqttSiteDown",
     "MqttExporterAllSitesDown", "MqttSiteCooldownFlapping", "MqttSiteSilent",
     "MqttExporterSlowShutdown", "MqttExporterDown", "MqttBrokerFlapping",
+    "MqttSiteSubscriptionRefused",
 }
+ALERTS_SCRIPT = REPO / "scripts" / "alerts.py"
+# The job name the committed promtool tests use (the bundled stack's), and two others the
+# tests are run again under: a Prometheus Operator Service name, and the Operator's older
+# serviceMonitor/<namespace>/<name>/<port> form.
+TEST_JOB = "mqtt-site-exporter"
+OTHER_JOBS = ("mqtt", "serviceMonitor/monitoring/mqtt-site-exporter/0")
+
+
+def _alerts_script():
+    spec = importlib.util.spec_from_file_location("alerts_script", ALERTS_SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BASE_URL: str = _alerts_script().DEFAULT_BASE_URL
 
 
 @pytest.fixture(scope="module")
@@ -126,16 +150,107 @@ def test_alert_conventions(name):
         assert "{{ $labels.site }}" in description, f"{name}: description must name the site"
     if name.startswith("MqttBroker"):
         assert "{{ $labels.broker }}" in description, f"{name}: description must name the broker"
-    assert ann["runbook_url"] == f"docs/operations.md#{name.lower()}", f"{name}: runbook_url"
+    assert ann["runbook_url"] == f"{BASE_URL}#{name.lower()}", f"{name}: runbook_url"
 
 
 def test_runbook_has_every_anchor():
     anchors = _anchors(RUNBOOK.read_text())
     for name, rule in _alerts().items():
         url = rule["annotations"]["runbook_url"]
-        path, _, anchor = url.partition("#")
-        assert (REPO / path).resolve() == RUNBOOK.resolve(), f"{name}: {url}"
+        base, _, anchor = url.partition("#")
+        assert base == BASE_URL, f"{name}: {url}"
         assert anchor in anchors, f"{name}: no heading for #{anchor} in docs/operations.md"
+
+
+def test_runbook_urls_absolute_from_one_base():
+    """Finding 8: a repository-relative runbook_url opens nothing from Alertmanager or Grafana.
+    Every runbook_url (rules and promtool tests) is absolute and starts with the one base URL,
+    which docs/operations.md documents, and the files are exactly what scripts/alerts.py
+    writes (nobody edited a URL by hand)."""
+    assert re.match(r"^https://\S+/docs/operations\.md$", BASE_URL), BASE_URL
+    for path in [*RULE_FILES, *TEST_FILES]:
+        for url in re.findall(r"runbook_url:\s*(\S+)", path.read_text()):
+            assert url.startswith(BASE_URL + "#"), f"{path.name}: {url}"
+    assert f"`{BASE_URL}`" in RUNBOOK.read_text(), "docs/operations.md must name the base URL"
+    proc = _run([sys.executable, str(ALERTS_SCRIPT), "--check"])
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_runbook_base_url_can_be_changed(promtool, tmp_path):
+    """How a user points the runbooks at their own copy: ``scripts/alerts.py --base-url``.
+    The rewritten copy has every URL on the new base, and its promtool tests still pass."""
+    base = "https://git.example.com/ops/mqtt/-/blob/main/docs/operations.md"
+    proc = _run([sys.executable, str(ALERTS_SCRIPT), "--base-url", base, "--out-dir",
+                 str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    rules = tmp_path / RULE_FILES[0].name
+    for name in _alerts():
+        assert f"runbook_url: {base}#{name.lower()}\n" in rules.read_text(), name
+    assert BASE_URL not in "".join(p.read_text() for p in tmp_path.rglob("*.yml"))
+    proc = _run([promtool, "test", "rules", *map(str, sorted(tmp_path.glob("tests/*.yml")))])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    bad = _run([sys.executable, str(ALERTS_SCRIPT), "--base-url", "docs/operations.md",
+                "--check"])
+    assert bad.returncode == 2 and "absolute" in bad.stderr
+
+
+def test_no_rule_selects_a_job():
+    """Finding 8: MqttExporterDown hard-coded job="mqtt-site-exporter" and paged under any other
+    job name. No rule may select a job (matching *on* job is fine)."""
+    for rule in _rules():
+        assert not re.search(r"\bjob\s*(=|!=|=~|!~)", rule["expr"]), \
+            f"{rule.get('alert') or rule.get('record')}: selects a job"
+
+
+def _renamed_tests(job: str, target: Path) -> list[Path]:
+    """The promtool test files with the job label ``TEST_JOB`` renamed to ``job``."""
+    out = []
+    for path in TEST_FILES:
+        text = path.read_text()
+        text = text.replace(f'job="{TEST_JOB}"', f'job="{job}"')
+        text = re.sub(rf"^(\s*)job: {re.escape(TEST_JOB)}$", rf"\g<1>job: '{job}'", text,
+                      flags=re.M)
+        text = text.replace(f"of job {TEST_JOB} ", f"of job {job} ")
+        text = text.replace(f"of job {TEST_JOB}:", f"of job {job}:")
+        doc = yaml.safe_load(text)
+        for test in doc["tests"]:
+            for series in test.get("input_series", []):
+                assert f'job="{TEST_JOB}"' not in series["series"]
+            for case in test.get("alert_rule_test", []):
+                for alert in case.get("exp_alerts") or []:
+                    assert alert["exp_labels"].get("job") != TEST_JOB, path
+        doc["rule_files"] = [str((path.parent / f).resolve()) for f in doc["rule_files"]]
+        out.append(target / path.name)
+        out[-1].write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+@pytest.mark.parametrize("job", OTHER_JOBS)
+def test_promtool_tests_pass_under_another_job_name(promtool, tmp_path, job):
+    """Finding 8: every alert fires and stays silent as tested, whatever the scrape job is
+    called (the committed tests use job mqtt-site-exporter, and MqttExporterDown and
+    MqttSiteSubscriptionRefused are also tested there under mqtt-exporter)."""
+    files = _renamed_tests(job, tmp_path)
+    proc = _run([promtool, "test", "rules", *map(str, files)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_exporter_down_recognises_exporters_by_their_series():
+    """MqttExporterDown cannot use absent() (it needs a job): it joins `up` with the recorded
+    memory of targets that exported mqtt_exporter_build_info."""
+    rules = {r.get("record") or r.get("alert"): r for r in _rules()}
+    seen = rules["job_instance:mqtt_exporter_target:seen"]["expr"]
+    assert "mqtt_exporter_build_info" in seen and "job_instance:mqtt_exporter_target:seen" in seen
+    down = rules["MqttExporterDown"]["expr"]
+    assert "absent(" not in down and "job_instance:mqtt_exporter_target:seen" in down
+
+
+def test_subscription_refused_alert():
+    """Finding 6: an alert on mqtt_site_subscriptions_refused_total (promtool cases in
+    alerts/tests/subscriptions.test.yml, both ways and under two job names)."""
+    rule = _alerts()["MqttSiteSubscriptionRefused"]
+    assert "mqtt_site_subscriptions_refused_total" in rule["expr"]
+    assert rule["labels"]["severity"] == "warning"
 
 
 def test_every_alert_has_firing_and_silent_cases():

@@ -174,8 +174,9 @@ def test_duplicate_instance_id_fires_duplicate_alert_and_resolves(
         assert labels["job"] == JOB and labels["instance"] in targets
         assert labels["site"] in SITES
         assert labels["severity"] == "critical"
-        assert alert["annotations"]["runbook_url"] == \
-            "docs/operations.md#mqttsiteduplicateclientid"
+        assert alert["annotations"]["runbook_url"].startswith("https://")
+        assert alert["annotations"]["runbook_url"].endswith(
+            "/docs/operations.md#mqttsiteduplicateclientid")
         assert f"Site {labels['site']} on {labels['instance']}" in \
             alert["annotations"]["description"]
     assert t_fired - t_identified < 15, t_fired - t_identified

@@ -12,12 +12,12 @@ is the 3 s between broker restarts the issue prescribes, done as a deadline whil
 """
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
 
-from tests.support import HOST, mqtt_client, site, wait_until
+from tests.support import HOST, site, wait_until
+from tests.support.broker import kick
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -141,20 +141,6 @@ def test_broker_killed_four_times_is_no_takeover(broker, exporter_factory):
     for nm in names:
         assert broker.live(cid(nm, "bev")) == 1, nm
 
-
-def kick(broker, client_id: str) -> None:
-    """A plain client with ``client_id`` connects (the broker closes the holder's
-    connection, without a word on v3.1.1), then leaves cleanly."""
-    connected = threading.Event()
-    intruder = mqtt_client(broker, client_id=client_id, reconnect_on_failure=False)
-    intruder.on_connect = lambda c, u, f, rc, p: connected.set() if not rc.is_failure else None
-    intruder.connect(broker.host, broker.port, keepalive=30)
-    intruder.loop_start()
-    try:
-        wait_until(connected.is_set, 10, message="intruder connected")
-    finally:
-        intruder.disconnect()
-        intruder.loop_stop()
 
 
 @pytest.mark.parametrize("bystander", [False, True], ids=["alone", "with-bystander"])

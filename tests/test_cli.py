@@ -7,9 +7,11 @@ broker's log (a sentinel client connects after the run; no other connection may 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import uuid
@@ -22,6 +24,7 @@ import exporter
 from exporter.cli import format_status_table
 from exporter.health import health_report
 from tests.support import HOST, REPO_ROOT, free_port, mqtt_client, site, wait_until
+from tests.support.exporter import cli_env
 from tests.support.fakes import site_state as st
 
 RUN_TIMEOUT = 60
@@ -33,19 +36,7 @@ def start_exporter(exporter_factory, sites, env=None, **kw):
 
 
 def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MQTT_", "EXPORTER_", "LOG_"))}
-    pp = env.get("PYTHONPATH")
-    env.update({
-        "PYTHONPATH": str(REPO_ROOT) + (os.pathsep + pp if pp else ""),
-        "PYTHONUNBUFFERED": "1",
-        "MQTT_SITES_FILE": str(tmp_path / "sites.yml"),
-        "MQTT_INSTANCE_ID": "cli",
-        "MQTT_STATE_DIR": str(tmp_path / "state"),
-        "EXPORTER_LISTEN": f"{HOST}:{free_port()}",
-    })
-    env.update(extra)
-    return env
+    return cli_env(tmp_path, "cli", **extra)
 
 
 def cli(args, tmp_path, env=None, timeout=RUN_TIMEOUT, command=None):
@@ -352,3 +343,132 @@ def test_format_status_table_lists_every_site_and_state():
 
 # =========================================================================== state
 
+
+
+# =========================================================================== flags (#9)
+
+
+def ok_line(stdout: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith("OK: "))
+
+
+@pytest.mark.timeout(60)
+def test_flags_override_the_environment_and_dotenv_for_check_config(tmp_path):
+    """Each flag wins over its variable (and over .env); before or after the subcommand."""
+    env_sites = write_sites(tmp_path, [{"name": "from_env", "host": HOST}])
+    flag_dir = tmp_path / "flagged"
+    flag_dir.mkdir()
+    flag_sites = flag_dir / "sites.yml"
+    flag_sites.write_text(yaml.safe_dump({"sites": [{"name": "from_flag", "host": HOST}]}))
+    (tmp_path / ".env").write_text("LOG_FORMAT=text\n")
+    env = base_env(tmp_path, MQTT_SITES_FILE=str(env_sites), LOG_LEVEL="INFO",
+                   EXPORTER_LISTEN="127.0.0.1:9001")
+    r = cli(["check-config"], tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("from_env:")
+    assert "listen 127.0.0.1:9001" in ok_line(r.stdout) and "log INFO text" in r.stdout
+    flags = [f"--sites.file={flag_sites}", "--web.listen-address=[::1]:9002",
+             "--log.level=debug", "--log.format=JSON", f"--state.dir={tmp_path / 'st2'}"]
+    for args in (["check-config", *flags], [*flags, "check-config"],
+                 [*flags[:2], "check-config", *flags[2:]]):
+        r = cli(args, tmp_path, env=env)
+        assert r.returncode == 0, (args, r.stderr)
+        ok = ok_line(r.stdout)
+        assert r.stdout.startswith("from_flag:") and f"OK: {flag_sites}: 1 sites" in ok, args
+        assert "listen [::1]:9002" in ok and "log DEBUG json" in ok, ok
+        assert f"state dir {tmp_path / 'st2'}" in ok, ok
+    # check-config creates nothing.
+    assert not (tmp_path / "st2").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_flag_value_exits_2_naming_flag_and_variable(tmp_path):
+    write_sites(tmp_path, [{"name": "a", "host": HOST}])
+    r = cli(["check-config", "--log.level=LOUD", "--web.listen-address=nohostport"], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "flag --log.level (LOG_LEVEL): must be one of" in r.stderr, r.stderr
+    assert "flag --web.listen-address (EXPORTER_LISTEN): expected host:port" in r.stderr
+    assert "Traceback" not in r.stderr
+    # An unknown flag is a usage error, not a traceback.
+    r = cli(["run", "--web.listen-adress=127.0.0.1:1"], tmp_path)
+    assert r.returncode == 2 and "unrecognized arguments" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_help_lists_the_flags_with_their_variables(tmp_path):
+    from exporter.config.environment import ENV_VARS
+    flagged = {v.flag: v.name for v in ENV_VARS if v.flag}
+    assert {"--web.listen-address", "--web.config.file", "--log.level", "--log.format",
+            "--sites.file"} <= set(flagged)
+    for args in (["--help"], ["run", "--help"], ["check-config", "--help"]):
+        r = cli(args, tmp_path)
+        assert r.returncode == 0, r.stderr
+        text = " ".join(r.stdout.split())
+        for flag, var in flagged.items():
+            assert flag in text and f"overrides {var}" in text, (args, flag)
+    r = cli(["run", "--help"], tmp_path)
+    assert "SIGQUIT" in r.stdout and "SIGHUP" in r.stdout and "SIGUSR1" in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_run_takes_the_flags(broker, exporter_factory):
+    """run with flags before and after the subcommand: it listens where --web.listen-address
+    says (not EXPORTER_LISTEN), logs only from --log.level up, in --log.format."""
+    port = free_port()
+    exp = exporter_factory([site("flagged", broker)], env={"LOG_LEVEL": "DEBUG"}, command=[
+        sys.executable, "-m", "exporter", "--log.level=warning", "run",
+        f"--web.listen-address={HOST}:{port}", "--log.format=json"])
+    exp.port = port  # the factory's EXPORTER_LISTEN port stays unused
+    exp.wait_ready(15)
+    wait_until(lambda: exp.health()[1].get("status") == "healthy", 15, message=exp.log_tail())
+    exp.signal(signal.SIGHUP)  # a WARNING record
+    exp.wait_log(r"SIGHUP received", 10)
+    records = [json.loads(line) for line in exp.log_text().splitlines() if line.strip()]
+    assert records and all(r["level"] in ("WARNING", "ERROR") for r in records), records
+
+
+# =========================================================================== state dir (#9)
+
+
+def under_a_file(tmp_path: Path) -> Path:
+    """A state dir that can never be created: its parent is a regular file (as root, a
+    chmod 0500 directory would still be writable)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a directory\n")
+    return blocker / "state"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["env", "flag", "is-a-file"])
+def test_unwritable_state_dir_exits_2_for_check_config_and_run_before_connecting(
+        broker, tmp_path, how):
+    write_sites(tmp_path, [site("good", broker)])
+    env = base_env(tmp_path)
+    args: list[str] = []
+    if how == "env":
+        env["MQTT_STATE_DIR"] = str(under_a_file(tmp_path))
+        named, why = "environment: MQTT_STATE_DIR:", "is not a directory"
+    elif how == "flag":
+        args = [f"--state.dir={under_a_file(tmp_path)}"]
+        named, why = "flag --state.dir (MQTT_STATE_DIR):", "is not a directory"
+    else:
+        env["MQTT_STATE_DIR"] = str(tmp_path / "state-file")
+        (tmp_path / "state-file").write_text("x")
+        named, why = "environment: MQTT_STATE_DIR:", "not a directory"
+    baseline = sentinel_connect(broker)
+    for command in (["check-config"], ["run"]):
+        r = cli(command + args, tmp_path, env=env)
+        assert r.returncode == 2, (command, r.returncode, r.stdout, r.stderr)
+        assert "invalid configuration" in r.stderr and named in r.stderr, r.stderr
+        assert why in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert_no_connection_since(broker, baseline)
+
+
+@pytest.mark.timeout(60)
+def test_run_creates_a_missing_state_dir(broker, exporter_factory, tmp_path):
+    deep = tmp_path / "new" / "deeper"
+    exp = exporter_factory([site("s", broker)], env={"MQTT_STATE_DIR": str(deep / "state")})
+    exp.wait_ready(15)
+    assert (deep / "state").is_dir()
+    assert [p.name for p in (deep / "state").iterdir()] == []  # the write probe is gone

@@ -128,3 +128,50 @@ def test_service_health_reads_the_service_view():
     assert service_health(service, verbose=True)[1]["sites"][1]["cooldown_remaining_s"] == 6.0
     service.running = False
     assert service_health(service)[0] == 503
+
+
+# --- refused subscriptions (issue #9, finding 6): the site is not healthy ---------------
+
+
+def test_refused_subscriptions_degrade_and_the_site_report_says_why():
+    states = [st("a", subscriptions_refused=2, refused_now=2), st("b")]
+    code, body = health_report(True, "inst", states, 1000.0, verbose=True)
+    assert (code, body["status"]) == (200, DEGRADED)
+    assert body["connections"] == {"total": 2, "enabled": 2, "healthy": 1, "unhealthy": 1}
+    a, b = body["sites"]
+    assert a["connected"] is True and a["subscriptions_refused"] == 2
+    assert a["problems"] == ["2 subscription(s) refused by the broker (SUBACK failure, e.g. an "
+                             "ACL): those topics are not received"]
+    assert b["problems"] == []
+    json.dumps(body)
+
+
+def test_refused_subscriptions_on_every_site_are_degraded_not_critical():
+    # Connected everywhere: some topics arrive (status, presence), so the process is useful.
+    states = [st("a", subscriptions_refused=1, refused_now=1),
+              st("b", subscriptions_refused=3, refused_now=3)]
+    code, body = health_report(True, "inst", states, 1000.0)
+    assert (code, body["status"]) == (200, DEGRADED)
+    assert body["connections"]["healthy"] == 0 and body["connections"]["unhealthy"] == 2
+    assert overall_status(True, 2, 2, refused=2) == DEGRADED
+    assert overall_status(True, 2, 0, refused=0) == CRITICAL
+    assert overall_status(False, 2, 2, refused=1) == CRITICAL
+
+
+def test_refusals_count_only_for_connected_enabled_sites():
+    # Disconnected: already unhealthy for that reason; disabled: not part of the health.
+    states = [st("a"), st("b", "backoff", subscriptions_refused=1, refused_now=1),
+              st("c", enabled=False, subscriptions_refused=1, refused_now=1)]
+    code, body = health_report(True, "inst", states, 1000.0, verbose=True)
+    assert (code, body["status"]) == (200, DEGRADED)
+    assert body["connections"] == {"total": 3, "enabled": 2, "healthy": 1, "unhealthy": 1}
+    assert [s["problems"] for s in body["sites"]] == [[], ["not connected (backoff)"], []]
+    disabled = st("c", enabled=False, subscriptions_refused=1, refused_now=1)
+    assert health_report(True, "inst", [st("a"), disabled], 1000.0)[1]["status"] == HEALTHY
+
+
+def test_refusals_clear_when_a_new_connection_subscribes_fine():
+    """The all-time counter stays (it feeds the alert); health follows the current connection."""
+    a = st("a", subscriptions_refused=2, refused_now=0)
+    _, body = health_report(True, "inst", [a], 1000.0, verbose=True)
+    assert body["status"] == "healthy" and body["sites"][0]["subscriptions_refused"] == 2

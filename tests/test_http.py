@@ -422,3 +422,165 @@ def test_secrets_never_leak(broker_factory, exporter_factory, tmp_path, log_form
     for where, text in outputs.items():
         for value in (secret, wrong):
             assert value not in text, f"secret found in {where}"
+
+
+# =========================================================================== exposition (#9)
+
+#: What Prometheus 2.x sends.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+                     "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+TEXT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_1_0 = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def get_metrics(exp, accept=None, gzip_ok=False):
+    headers = {}
+    if accept is not None:
+        headers["Accept"] = accept
+    if gzip_ok:
+        headers["Accept-Encoding"] = "gzip"
+    conn = http.client.HTTPConnection(HOST, exp.port, timeout=5)
+    try:
+        conn.request("GET", "/metrics", headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.getheader("Content-Encoding") == "gzip":
+            import gzip
+            body = gzip.decompress(body)
+        return resp.status, resp.getheader("Content-Type"), body.decode()
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_metrics_content_type_says_0_0_4_and_openmetrics_is_negotiated(broker, exporter_factory):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as om_parse
+
+    exp = start(exporter_factory, [site("site_a", broker), dead_site("dead")])
+    exp.wait_metric("mqtt_site_up", lambda v: v == 1.0, 15, site="site_a")
+    # Plain, text/plain and a refused OpenMetrics: the text format, labelled as 0.0.4.
+    for accept in (None, "text/plain", "*/*", "application/openmetrics-text;q=0",
+                   "application/openmetrics-text;version=9.9.9"):
+        status, ctype, text = get_metrics(exp, accept)
+        assert (status, ctype) == (200, TEXT_0_0_4), accept
+        assert "# EOF" not in text
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert fams["mqtt_site_connects"].type == "counter"
+    proc = subprocess.run(["/usr/bin/promtool", "check", "metrics"], input=text,
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+    # Prometheus's Accept: OpenMetrics 1.0, also gzipped.
+    for gzip_ok in (False, True):
+        status, ctype, om = get_metrics(exp, PROMETHEUS_ACCEPT, gzip_ok)
+        assert (status, ctype) == (200, OPENMETRICS_1_0)
+        assert om.endswith("\n# EOF\n") and om.count("# EOF") == 1
+        fams = {f.name: f for f in om_parse(om)}
+        # Counter families are named without _total; their samples carry it.
+        connects = fams["mqtt_site_connects"]
+        assert connects.type == "counter"
+        assert {s.name for s in connects.samples} == {"mqtt_site_connects_total"}
+        assert {s.labels["site"]: s.value for s in connects.samples} == {"site_a": 1.0,
+                                                                       "dead": 0.0}
+        assert "# TYPE mqtt_site_connects counter" in om
+        assert "# TYPE mqtt_site_connects_total" not in om
+        assert not [n for n in fams if n.endswith("_total")]
+        assert fams["mqtt_site"].type == "info"  # mqtt_site_info
+        assert fams["mqtt_exporter_shutdown_duration_seconds"].type == "histogram"
+        assert not [s for f in fams.values() for s in f.samples if s.name.endswith("_created")]
+    # Same series in both formats (names and labels).
+    text_series = {(s.name, frozenset(s.labels.items())) for s in all_samples(text)
+                   if s.name.startswith("mqtt_")}
+    om_series = {(s.name, frozenset(s.labels.items())) for f in om_parse(om) for s in f.samples
+                 if s.name.startswith("mqtt_")}
+    assert om_series == text_series
+
+
+@pytest.mark.timeout(60)
+def test_prometheus_scrapes_the_openmetrics_exposition(broker, exporter_factory,
+                                                       prometheus_factory):
+    """A real Prometheus (which asks for OpenMetrics first) ingests the exposition."""
+    exp = start(exporter_factory, [site("site_a", broker)])
+    exp.wait_metric("mqtt_site_up", lambda v: v == 1.0, 15, site="site_a")
+    prom = prometheus_factory([f"{HOST}:{exp.port}"])
+
+    def scraped():
+        targets = prom.api("targets")["activeTargets"]
+        assert all(not t["lastError"] for t in targets), targets
+        return prom.query('mqtt_site_connects_total{site="site_a"}')
+
+    result = wait_until(scraped, 30, interval=0.2, message="prometheus scraped the exporter")
+    assert result[0]["value"][1] == "1"
+    assert prom.query('mqtt_site_info{site="site_a"}')
+    assert prom.query("mqtt_exporter_shutdown_duration_seconds_bucket")
+    assert prom.targets_up()
+
+
+class View:
+    """A small ServiceView in-process: site states in every state, no bridge."""
+
+    def __init__(self, tmp_path, names=("a",)):
+        from exporter.state import ShutdownHistory, SystemClock
+        from tests.support.fakes import site_state
+        self.site_states = [site_state(n, state=SITE_STATES[i % len(SITE_STATES)])
+                            for i, n in enumerate(names)]
+        self.brokers = []
+        self.bridge_store = None
+        self.shutdown_history = ShutdownHistory.load(str(tmp_path))
+        self.instance_id = 'in"st\\'
+        self.running = True
+        self.clock = SystemClock()
+
+
+def test_openmetrics_is_what_prometheus_client_writes_for_the_same_families(tmp_path):
+    """The OpenMetrics body is the text adapted (fast), byte for byte what
+    prometheus_client's OpenMetrics writer makes of the same families."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    from exporter.metrics import (
+        ServiceCollector,
+        make_metrics_app,
+        text_to_openmetrics,
+    )
+
+    view = View(tmp_path, names=[f"s{i}" for i in range(12)] + ['we"ird\\'])
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(view))
+    app = make_metrics_app(view, CollectorRegistry(auto_describe=False))
+    got = {}
+    body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics",
+                         "HTTP_ACCEPT": PROMETHEUS_ACCEPT},
+                        lambda s, h: got.update(status=s, headers=dict(h))))
+    assert got["headers"]["Content-Type"] == OPENMETRICS_1_0
+    assert body == openmetrics(registry)
+    assert body.endswith(b"# EOF\n")
+    # Quotes in HELP are escaped in OpenMetrics only; untyped becomes unknown.
+    text = '# HELP x_total Say "hi".\n# TYPE x_total counter\nx_total 1.0\n# TYPE y untyped\ny 2.0\n'
+    assert text_to_openmetrics(text) == ('# HELP x Say \\"hi\\".\n# TYPE x counter\nx_total 1.0\n'
+                                         "# TYPE y unknown\ny 2.0\n# EOF\n")
+
+
+def test_authorize_hook_answers_401_with_the_basic_realm(tmp_path):
+    from exporter.http import make_app
+    from exporter.metrics import process_registry
+
+    seen = []
+
+    def authorize(environ):
+        seen.append(environ["PATH_INFO"])
+        return environ.get("HTTP_AUTHORIZATION") == "Basic ok"
+
+    app = make_app(View(tmp_path), process_registry(), authorize=authorize)
+    for path in ("/metrics", "/health", "/", "/nope"):
+        got = {}
+        body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": path},
+                            lambda s, h, got=got: got.update(status=s, headers=dict(h))))
+        assert got["status"] == "401 Unauthorized", path
+        assert got["headers"]["WWW-Authenticate"] == 'Basic realm="mqtt-site-exporter"'
+        assert b"a" not in body.replace(b"unauthorized", b"")  # nothing about the service
+        got.clear()
+        app({"REQUEST_METHOD": "GET", "PATH_INFO": path, "HTTP_AUTHORIZATION": "Basic ok"},
+            lambda s, h, got=got: got.update(status=s))
+        assert got["status"] != "401 Unauthorized", path
+    assert seen.count("/metrics") == 2

@@ -20,12 +20,12 @@ assertions are about behaviour and counts, not tight timings.
 from __future__ import annotations
 
 import math
-import threading
 import time
 
 import pytest
 
-from tests.support import HOST, free_port, mqtt_client, site, wait_until
+from tests.support import HOST, free_port, site, wait_until
+from tests.support.broker import kick
 
 COOLDOWN_LOG = (
     r"Broker closed connection \(code 7\) - likely duplicate client ID\. "
@@ -430,17 +430,7 @@ def test_single_kick_of_stable_connection_is_connection_lost(broker, exporter_fa
     wait_stable(exp, "one", stable, timeout=20)
     client_id = cid("one", "one")
 
-    # A plain client with the same ID kicks the exporter once, then leaves cleanly.
-    connected = threading.Event()
-    intruder = mqtt_client(broker, client_id=client_id, reconnect_on_failure=False)
-    intruder.on_connect = lambda c, u, f, rc, p: connected.set() if not rc.is_failure else None
-    intruder.connect(broker.host, broker.port, keepalive=30)
-    intruder.loop_start()
-    try:
-        wait_until(connected.is_set, 10, message="intruder connected")
-    finally:
-        intruder.disconnect()
-        intruder.loop_stop()
+    kick(broker, client_id)  # a plain client with the same ID kicks it once and leaves
     assert broker.takeovers(client_id) >= 1
 
     exp.wait_metric("mqtt_site_connects_total", lambda v: v == 2, 15, site="one")

@@ -16,11 +16,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .bridge import BridgeConfig, BridgeMapping
 from .checks import ConfigError
-from .environment import process_environment, read_environment
+from .environment import process_environment, read_environment, source, state_dir_problem
 from .sites import PROTOCOLS, SITE_NAME_RE, Secret, SiteConfig, load_sites
+
+if TYPE_CHECKING:
+    from ..webconfig import WebConfig
 
 
 @dataclass(frozen=True)
@@ -49,27 +53,49 @@ class Settings:
     duplicate_cooldown_max_seconds: float = 600.0
     broker_event_window_seconds: float = 1.0
     sites: tuple[SiteConfig, ...] = ()
+    web_config_file: str = ""
+    web_config: WebConfig | None = None  #: None: plain HTTP, no auth
+    http_max_connections: int = 64
+    http_timeout_seconds: float = 10.0
 
 
-def load_settings(environ: Mapping[str, str] | None = None, cwd: str | None = None) -> Settings:
+def load_settings(environ: Mapping[str, str] | None = None, cwd: str | None = None,
+                  overrides: Mapping[str, str] | None = None) -> Settings:
     """Read and validate everything; raise ConfigError listing every problem.
 
     environ None means os.environ plus `<cwd>/.env` (the process environment wins);
-    a given mapping is used as-is. A relative MQTT_SITES_FILE is resolved against cwd.
+    a given mapping is used as-is. ``overrides`` (command-line flag values by variable name)
+    take precedence over both. A relative MQTT_SITES_FILE is resolved against cwd;
+    MQTT_STATE_DIR must be a writable directory or creatable in one (nothing is created here).
     """
     cwd = os.getcwd() if cwd is None else cwd
     errors: list[str] = []
-    lookup = process_environment(cwd, errors) if environ is None else environ.get
-    values = read_environment(lookup, errors)
+    base = process_environment(cwd, errors) if environ is None else environ.get
+    flagged = dict(overrides or {})
+
+    def lookup(name: str) -> str | None:
+        return flagged[name] if name in flagged else base(name)
+
+    values = read_environment(lookup, errors, flagged)
+    if values["state_dir"] is not None:
+        problem = state_dir_problem(values["state_dir"], cwd)
+        if problem is not None:
+            errors.append(f"{source('MQTT_STATE_DIR', flagged)}: {problem}")
 
     sites: tuple[SiteConfig, ...] = ()
     if values["sites_file"] is not None:
         values["sites_file"] = os.path.join(cwd, values["sites_file"])
         sites = load_sites(values["sites_file"], lookup, values["keepalive"] or 60, errors)
+    web_config = None
+    if values["web_config_file"]:
+        from ..webconfig import read_web_config  # imports this package: not at the top
+        values["web_config_file"] = os.path.join(cwd, values["web_config_file"])
+        web_config = read_web_config(values["web_config_file"], errors)
     if errors:
         raise ConfigError(errors)
     listen_host, listen_port = values.pop("listen")
-    return Settings(**values, listen_host=listen_host, listen_port=listen_port, sites=sites)
+    return Settings(**values, listen_host=listen_host, listen_port=listen_port, sites=sites,
+                    web_config=web_config)
 
 
 def summarize_site(site: SiteConfig, instance_id: str) -> str:
@@ -84,6 +110,12 @@ def summarize_site(site: SiteConfig, instance_id: str) -> str:
     ]
     if site.ca_file:
         parts.append(f"ca_file={site.ca_file}")
+    if site.tls is not None and site.tls.cert_file:
+        parts.append(f"cert_file={site.tls.cert_file}")
+    if site.tls is not None and site.tls.server_name:
+        parts.append(f"server_name={site.tls.server_name}")
+    if site.tls is not None and site.tls.insecure_skip_verify:
+        parts.append("insecure_skip_verify")
     if site.bridge is not None:
         parts.append(f"bridge=on(prefix={site.bridge.prefix or '-'},"
                      f"max_series={site.bridge.max_series})")

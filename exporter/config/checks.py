@@ -162,7 +162,7 @@ class Field:
     """One key of a mapping, declared once: validation, JSON Schema and docs come from it.
 
     Checks run in this order, the first failure ends them: present (``required``),
-    ``coerce``, kind (``type_message``), ``non_empty``, range, ``choices``, ``pattern``,
+    ``coerce``, kind (``type_message``), ``non_empty``, ``max_length``, range, ``choices``, ``pattern``,
     list ``items``, then ``steps``. A default is never checked.
     """
 
@@ -180,6 +180,8 @@ class Field:
     expected: str | None = None  #: the kind's name in messages, when it differs
     non_empty: bool = False  #: strings and lists: ``empty_message``
     empty_message: str = "must not be empty"
+    max_length: int | None = None  #: strings and lists: at most this many characters / items
+    length_message: str = "{length} long; at most {max_length}"
     minimum: float | None = None
     maximum: float | None = None
     exclusive_minimum: bool = False
@@ -221,6 +223,9 @@ class Field:
                 expected=self.expected or self.kind.name, got=type_name(value)))
         if self.non_empty and not value:
             return check.fail(label + self.empty_message)
+        if self.max_length is not None and len(value) > self.max_length:
+            return check.fail(label + self.length_message.format(
+                length=len(value), max_length=self.max_length))
         if not self.in_range(value):
             return check.fail(self.describe_range(value))
         if self.choices is not None and value not in self.choices:

@@ -12,7 +12,8 @@ from typing import Any
 from .bridge import BRIDGE_TABLE, MAPPING_TABLE
 from .checks import Field, Table, documented_default
 from .environment import ENV_VARS, EnvVar
-from .sites import SITE_TABLE
+from .sites import LIMITS_DOC, SITE_TABLE
+from .tls import TLS_TABLE
 
 SCHEMA_FILE = "exporter/config/sites.schema.json"
 
@@ -104,11 +105,17 @@ def render() -> str:
         "",
         "## Environment variables",
         "",
-        "| Variable | Type | Default | Allowed | Meaning |",
-        "|---|---|---|---|---|",
+        "A variable with a flag can also be set on the command line, for `run` and",
+        "`check-config` alike (`mqtt-site-exporter --log.level=debug`, or",
+        "`mqtt-site-exporter check-config --sites.file=deploy/sites.yml`); the flag wins over the",
+        "variable and over `.env`.",
+        "",
+        "| Variable | Flag | Type | Default | Allowed | Meaning |",
+        "|---|---|---|---|---|---|",
     ]
     for var in ENV_VARS:
-        lines.append(f"| `{var.name}` | {var.kind} | {_cell(_env_default(var))} | "
+        flag = f"`{var.flag}`" if var.flag else "-"
+        lines.append(f"| `{var.name}` | {flag} | {var.kind} | {_cell(_env_default(var))} | "
                      f"{_cell(_env_allowed(var))} | {_cell(var.help)} |")
     lines += [
         "",
@@ -117,9 +124,37 @@ def render() -> str:
         "A YAML mapping with one key, `sites`: a non-empty list of sites. Duplicate keys are",
         "errors, and so is any key not listed here (with a did-you-mean suggestion).",
         "",
+        "### Limits",
+        "",
+        *LIMITS_DOC,
+        "",
         "### Site keys",
         "",
         *_table(SITE_TABLE),
+        "",
+        "### TLS keys (`tls:` of a site)",
+        "",
+        "`tls: true` connects with TLS and verifies the broker against the system CAs; a mapping",
+        "takes the names of Prometheus' `tls_config`. For mutual TLS (AWS IoT Core and many",
+        "managed brokers) give `cert_file` and `key_file`. check-config loads every file the way",
+        "the connection will (a CA bundle and a certificate must hold PEM certificates, the key",
+        "must be unencrypted and match the certificate) and never prints their content.",
+        "`insecure_skip_verify: true` is warned about by check-config and logged as a WARNING at",
+        "every start.",
+        "",
+        *_table(TLS_TABLE),
+        "",
+        "The site-level `ca_file` (from before `tls:` took a mapping) is a deprecated alias of",
+        "`tls.ca_file`: it still works with `tls: true` (check-config and the start log warn),",
+        "and is an error together with `tls.ca_file`. Move it: `tls: {ca_file: /path/ca.pem}`.",
+        "",
+        "Why a connection fails is named in the log (once per change, at WARNING) and in",
+        "`/health?verbose=true` as `last_error` and `last_error_at` per site: for TLS",
+        "`tls: unknown CA`, `tls: certificate name mismatch (expected <name>)`,",
+        "`tls: client certificate required`, `tls: client certificate rejected`,",
+        "`tls: plain MQTT on a TLS port?`, `tls: TLS client on a plain port?`; otherwise e.g.",
+        "`refused: not authorised`, `dns: cannot resolve host`, `connection refused`,",
+        "`timeout waiting for CONNACK`, `keepalive timeout`, `connection lost: ...`.",
         "",
         "### Bridge keys (`bridge:` of a site)",
         "",

@@ -12,14 +12,15 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import marshmallow as ma
 from environs import Env
 
-from .sites import Lookup, is_ipv6
+from .sites import Lookup, instance_id_problem, is_ipv6
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("text", "json")
@@ -45,6 +46,13 @@ def parse_log_level(value: str) -> str:
     if value.strip().upper() not in LOG_LEVELS:
         raise ma.ValidationError(f"must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
     return value.strip().upper()
+
+
+def parse_instance_id(value: str) -> str:
+    """MQTT_INSTANCE_ID: non-empty, no whitespace or control characters, bounded (sites.py)."""
+    if problem := instance_id_problem(value):
+        raise ma.ValidationError(problem)
+    return value
 
 
 def parse_log_format(value: str) -> str:
@@ -81,6 +89,8 @@ class EnvVar:
     non_empty: bool = False
     parser: Callable[[str], Any] | None = None
     default_doc: str | None = None
+    #: The command-line flag that overrides the variable (exporter style), if any.
+    flag: str | None = None
 
     def field(self) -> ma.fields.Field[Any]:
         """The marshmallow field that parses a set value (the one environs would use)."""
@@ -107,10 +117,12 @@ _HOSTNAME_DOC = "the host name"
 #: Every environment variable the exporter reads, in the order they are checked.
 ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("MQTT_SITES_FILE", "sites_file", "string", "sites.yml",
-           "Path of the sites file (relative: to the working directory).", non_empty=True),
+           "Path of the sites file (relative: to the working directory).", non_empty=True,
+           flag="--sites.file"),
     EnvVar("MQTT_INSTANCE_ID", "instance_id", "string", socket.gethostname,
            "This instance's ID: client IDs are <site>_i<ID>. Must differ between instances "
-           "that share a broker.", non_empty=True, default_doc=_HOSTNAME_DOC),
+           "that share a broker. At most 128 bytes; no whitespace or control characters.",
+           non_empty=True, parser=parse_instance_id, default_doc=_HOSTNAME_DOC),
     EnvVar("MQTT_CLEAN_SESSION", "clean_session", "boolean", True,
            "Connect with a clean session (v3.1.1) / clean start (v5)."),
     EnvVar("MQTT_LWT_ENABLED", "lwt_enabled", "boolean", True,
@@ -124,14 +136,17 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Seconds a site waits before reconnecting after a suspected client-ID takeover.",
            minimum=0),
     EnvVar("MQTT_STATE_DIR", "state_dir", "string", "./state",
-           "Directory for state kept across restarts.", non_empty=True),
+           "Directory for state kept across restarts; must be writable (created if missing).",
+           non_empty=True, flag="--state.dir"),
     EnvVar("EXPORTER_LISTEN", "listen", "host:port", "0.0.0.0:8000",
            "Address of the HTTP server (/metrics, /healthz); IPv6 as [::1]:8000.",
-           parser=parse_listen),
+           parser=parse_listen, flag="--web.listen-address"),
     EnvVar("LOG_LEVEL", "log_level", "string", "INFO",
-           f"Log level: {', '.join(LOG_LEVELS)} (any case).", parser=parse_log_level),
+           f"Log level: {', '.join(LOG_LEVELS)} (any case).", parser=parse_log_level,
+           flag="--log.level"),
     EnvVar("LOG_FORMAT", "log_format", "string", "text",
-           f"Log format: {' or '.join(LOG_FORMATS)} (any case).", parser=parse_log_format),
+           f"Log format: {' or '.join(LOG_FORMATS)} (any case).", parser=parse_log_format,
+           flag="--log.format"),
     EnvVar("MQTT_BACKOFF_MIN_SECONDS", "backoff_min_seconds", "number", 1.0,
            "First reconnect delay in seconds.", minimum=0, exclusive_minimum=True),
     EnvVar("MQTT_BACKOFF_MAX_SECONDS", "backoff_max_seconds", "number", 60.0,
@@ -160,6 +175,19 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Connection losses of two or more sites of one broker within this many seconds "
            "are a broker event (restart, crash, network), never a takeover.",
            minimum=0, exclusive_minimum=True),
+    EnvVar("EXPORTER_WEB_CONFIG_FILE", "web_config_file", "string", "",
+           "Web config file (Prometheus exporter-toolkit format: tls_server_config, "
+           "basic_auth_users) that puts TLS and/or basic auth in front of /metrics and /health; "
+           "empty: plain HTTP without auth. Relative: to the working directory.",
+           default_doc="empty (off)", flag="--web.config.file"),
+    EnvVar("EXPORTER_HTTP_MAX_CONNECTIONS", "http_max_connections", "integer", 64,
+           "Cap on concurrent HTTP connections; fewer when the descriptor limit leaves less "
+           "after the sites. At the cap a new connection replaces the one that has waited "
+           "longest for its request.", minimum=1, maximum=65535),
+    EnvVar("EXPORTER_HTTP_TIMEOUT_SECONDS", "http_timeout_seconds", "number", 10.0,
+           "Seconds an HTTP client has to send its request line and headers (and finish a TLS "
+           "handshake), and the longest pause in any read or write of a connection.",
+           minimum=0, exclusive_minimum=True),
 )
 
 
@@ -177,8 +205,21 @@ def process_environment(cwd: str, errors: list[str]) -> Lookup:
     return lookup
 
 
-def read_environment(lookup: Lookup, errors: list[str]) -> dict[str, Any]:
-    """Every variable's value by setting name (None where invalid; problems in ``errors``)."""
+def source(name: str, flagged: Collection[str] = ()) -> str:
+    """How an error names a variable: ``environment: VAR`` or, when a command-line flag set
+    it, ``flag --the.flag (VAR)``."""
+    var = next((v for v in ENV_VARS if v.name == name), None)
+    if var is not None and var.flag is not None and name in flagged:
+        return f"flag {var.flag} ({name})"
+    return f"environment: {name}"
+
+
+def read_environment(lookup: Lookup, errors: list[str],
+                     flagged: Collection[str] = ()) -> dict[str, Any]:
+    """Every variable's value by setting name (None where invalid; problems in ``errors``).
+
+    ``flagged``: the variables whose value came from a command-line flag (named so in errors).
+    """
     values: dict[str, Any] = {}
     for var in ENV_VARS:
         raw = lookup(var.name)
@@ -191,13 +232,48 @@ def read_environment(lookup: Lookup, errors: list[str]) -> dict[str, Any]:
             values[var.setting] = var.parse(raw)
         except ma.ValidationError as exc:
             values[var.setting] = None
-            errors.extend(f"environment: {var.name}: {message}" for message in _messages(exc))
+            errors.extend(f"{source(var.name, flagged)}: {message}" for message in _messages(exc))
     low, high = values["backoff_min_seconds"], values["backoff_max_seconds"]
     if low is not None and high is not None and high < low:
         errors.append(
             f"environment: MQTT_BACKOFF_MAX_SECONDS: must be >= MQTT_BACKOFF_MIN_SECONDS ({low})"
         )
     return values
+
+
+def state_dir_problem(path: str, cwd: str) -> str | None:
+    """Why ``path`` (relative: to ``cwd``) cannot be the state directory, or None; writes nothing.
+
+    A missing directory is fine when its nearest existing ancestor is a writable directory
+    (``run`` creates it, see :func:`ensure_state_dir`).
+    """
+    probe = os.path.join(cwd, path)
+    missing = False
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe, missing = parent, True
+    if not os.path.isdir(probe):
+        return (f"{path}: cannot be created: {probe} is not a directory" if missing
+                else f"{path}: not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return (f"{path}: cannot be created: {probe} is not writable" if missing
+                else f"{path}: not writable")
+    return None
+
+
+def ensure_state_dir(path: str) -> str | None:
+    """Create the state directory if missing and prove it writable with a temporary file
+    (what ``run`` does before connecting); the problem, or None."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"{path}: not writable: {exc.strerror or exc}"
+    return None
 
 
 def _messages(exc: ma.ValidationError) -> list[str]:

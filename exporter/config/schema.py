@@ -18,6 +18,7 @@ from typing import Any
 from .bridge import BRIDGE_TABLE, MAPPING_TABLE
 from .checks import LIST, STRING, Field, Table
 from .sites import SITE_TABLE, TOP_LEVEL_KEYS
+from .tls import TLS_TABLE
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "sites.schema.json")
 
@@ -26,6 +27,7 @@ _REFS: dict[tuple[str, str], dict[str, Any]] = {
     ("site", "bridge"): {"anyOf": [{"type": "boolean"}, {"type": "null"},
                                    {"$ref": "#/definitions/bridge"}]},
     ("bridge", "mappings"): {"items": {"$ref": "#/definitions/mapping"}},
+    ("site", "tls"): {"anyOf": [{"type": "boolean"}, {"$ref": "#/definitions/tls"}]},
 }
 
 
@@ -104,6 +106,7 @@ def sites_schema() -> dict[str, Any]:
             "site": table_schema(SITE_TABLE, "site"),
             "bridge": table_schema(BRIDGE_TABLE, "bridge"),
             "mapping": table_schema(MAPPING_TABLE, "mapping"),
+            "tls": table_schema(TLS_TABLE, "tls"),
         },
     }
 

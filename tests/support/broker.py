@@ -38,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from .net import (
     HOST,
@@ -333,3 +334,19 @@ def retained(broker: Broker, topic: str, timeout: float = 2.0) -> str | None:
     return retained_all(broker, topic, timeout).get(topic)
 
 
+
+
+def kick(broker: Any, client_id: str) -> None:
+    """A plain client connects with ``client_id`` (the broker closes the holder's connection:
+    without a word on v3.1.1, DISCONNECT 0x8E on v5 with a newer Mosquitto), then leaves
+    cleanly. ``broker``: a :class:`Broker` or any broker process of the support."""
+    connected = threading.Event()
+    intruder = mqtt_client(broker, client_id=client_id, reconnect_on_failure=False)
+    intruder.on_connect = lambda c, u, f, rc, p: connected.set() if not rc.is_failure else None
+    intruder.connect(broker.host, broker.port, keepalive=30)
+    intruder.loop_start()
+    try:
+        wait_until(connected.is_set, 10, message="intruder connected")
+    finally:
+        intruder.disconnect()
+        intruder.loop_stop()

@@ -233,3 +233,22 @@ class ExporterProcess:
         return f"<ExporterProcess {self.url} pid={self.pid} running={self.running}>"
 
 
+
+
+def cli_env(tmp_path: Path, instance_id: str = "cli", **extra: str) -> dict[str, str]:
+    """The environment for ``python -m exporter <command>`` in ``tmp_path``: the process
+    environment without MQTT_*/EXPORTER_*/LOG_*, the repository on PYTHONPATH, sites.yml and
+    state/ in ``tmp_path``, a free loopback port, then ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MQTT_", "EXPORTER_", "LOG_"))}
+    pp = env.get("PYTHONPATH")
+    env.update({
+        "PYTHONPATH": str(REPO_ROOT) + (os.pathsep + pp if pp else ""),
+        "PYTHONUNBUFFERED": "1",
+        "MQTT_SITES_FILE": str(tmp_path / "sites.yml"),
+        "MQTT_INSTANCE_ID": instance_id,
+        "MQTT_STATE_DIR": str(tmp_path / "state"),
+        "EXPORTER_LISTEN": f"{HOST}:{free_port()}",
+    })
+    env.update(extra)
+    return env
