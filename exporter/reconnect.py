@@ -157,6 +157,10 @@ class ReconnectPolicy:
         return CONNECTION_LOST
 
     def next(self, end: ConnectionEnd) -> Decision:
+        if not end.duplicate and self.duplicate_takeovers:
+            # The identified episode is over: its takeovers are no evidence of another,
+            # unknown peer (one broker hiccup right after it must not open one).
+            self.short_closes = 0
         reason = self.classify(end)
         if not end.duplicate:
             self.duplicate_takeovers = 0

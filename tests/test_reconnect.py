@@ -213,7 +213,9 @@ def test_duplicate_cooldown_sequence_resets_when_the_episode_ends():
 def test_a_non_duplicate_takeover_in_between_resets_the_doubling():
     p = policy()
     assert [p.next(dup(short_close())).delay for _ in range(3)] == [30, 60, 120]
-    # Flag down for one end: evidence (short closes in a row) still says takeover, base cooldown.
+    # Flag down: the episode's takeovers are no evidence; the evidence rule starts over (two
+    # short closes in a row make a takeover with the base cooldown).
+    assert p.next(short_close()).reason == CONNECTION_LOST
     assert p.next(short_close()) == Decision(TAKEOVER, 30.0, True)
     assert p.next(dup(short_close())).delay == 30
 
@@ -323,3 +325,14 @@ def test_without_flags_the_rules_are_todays():
     assert ConnectionEnd(connected=True).broker_event is False
     reasons = [p.next(short_close()).reason for _ in range(3)]
     assert reasons == [CONNECTION_LOST, TAKEOVER, TAKEOVER]
+
+
+def test_the_end_of_an_identified_episode_is_not_evidence_of_an_unknown_peer():
+    """Duplicate takeovers raise the short-close evidence; once the episode is over, one
+    short broker-side close (e.g. a broker hiccup) must not make an unknown-peer takeover."""
+    p = policy()
+    for _ in range(3):
+        assert p.next(ConnectionEnd(connected=True, uptime=0.5, reason_code=UNSPECIFIED,
+                                    duplicate=True)).reason == TAKEOVER
+    d = p.next(short_close())  # the peer left; the broker drops us once, quickly
+    assert d.reason == CONNECTION_LOST and not d.cooldown
