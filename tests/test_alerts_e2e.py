@@ -226,7 +226,7 @@ def test_duplicate_instance_id_fires_duplicate_alert_and_resolves(
         survivor.wait_metric("mqtt_site_up", lambda v: v == 1.0, 20, site=name)
     before = {n: survivor.metric("mqtt_site_disconnects_total", site=n, reason="takeover")
               for n in SITES}
-    time.sleep(3)
+    time.sleep(3)  # an observation window (nothing may happen in it), not a synchronisation
     after = {n: survivor.metric("mqtt_site_disconnects_total", site=n, reason="takeover")
              for n in SITES}
     assert before == after

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ import yaml
 import exporter
 from exporter.cli import format_status_table
 from exporter.health import health_report
-from tests.support import HOST, REPO_ROOT, free_port, mqtt_client, site, wait_until
+from tests.support import HOST, REPO_ROOT, free_port, site, wait_until
 from tests.support.exporter import cli_env
 from tests.support.fakes import site_state as st
 
@@ -154,30 +152,12 @@ CASE_IDS = [
     "bad-keepalive", "bad-yaml", "missing-file"]
 
 
-def connection_lines(broker) -> int:
-    return len(re.findall(r"^\d+: New connection from ", broker.log_text(), re.M))
-
-
-def sentinel_connect(broker) -> int:
-    """Connect a sentinel client and wait until the broker logged it. Mosquitto logs
-    connections in accept order, so every earlier connection is in the log by then.
-    Returns the number of "New connection" lines at that point."""
-    sentinel = f"sentinel-{uuid.uuid4().hex[:8]}"
-    c = mqtt_client(broker, client_id=sentinel)
-    c.connect(broker.host, broker.port, keepalive=10)
-    c.loop_start()
-    try:
-        broker.wait_log(rf"^\d+: New client connected from \S+ as {sentinel} ", 10)
-    finally:
-        c.disconnect()
-        c.loop_stop()
-    return connection_lines(broker)
 
 
 def assert_no_connection_since(broker, baseline: int) -> None:
-    """``baseline`` from sentinel_connect() before the run: the next sentinel must be the
+    """``baseline`` from broker.sentinel() before the run: the next sentinel must be the
     only new connection, and only sentinels ever sent a CONNECT."""
-    after = sentinel_connect(broker)
+    after = broker.sentinel()
     assert after == baseline + 1, broker.log_text()
     ids = {cid for _, kind, cid in broker.events() if kind == "connect"}
     assert all(cid.startswith("sentinel-") for cid in ids), ids
@@ -189,7 +169,7 @@ def test_run_with_a_bad_sites_file_exits_2_before_connecting(broker, tmp_path, c
     content, fragments = bad_sites_cases(tmp_path, broker)[case]
     if content is not None:
         (tmp_path / "sites.yml").write_text(content)
-    baseline = sentinel_connect(broker)
+    baseline = broker.sentinel()
     r = cli(["run"], tmp_path)
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "invalid configuration" in r.stderr
@@ -205,7 +185,7 @@ def test_run_with_a_bad_sites_file_exits_2_before_connecting(broker, tmp_path, c
 @pytest.mark.timeout(90)
 def test_run_default_command_is_run_and_also_validates(broker, tmp_path):
     (tmp_path / "sites.yml").write_text("sites: [")
-    baseline = sentinel_connect(broker)
+    baseline = broker.sentinel()
     r = cli([], tmp_path)
     assert r.returncode == 2 and "invalid YAML" in r.stderr
     assert_no_connection_since(broker, baseline)
@@ -220,7 +200,7 @@ def test_run_default_command_is_run_and_also_validates(broker, tmp_path):
 ])
 def test_run_with_a_bad_env_value_exits_2_naming_the_variable(broker, tmp_path, var, value):
     write_sites(tmp_path, [site("good", broker)])
-    baseline = sentinel_connect(broker)
+    baseline = broker.sentinel()
     r = cli(["run"], tmp_path, env=base_env(tmp_path, **{var: value}))
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert f"environment: {var}:" in r.stderr, r.stderr
@@ -456,7 +436,7 @@ def test_unwritable_state_dir_exits_2_for_check_config_and_run_before_connecting
         env["MQTT_STATE_DIR"] = str(tmp_path / "state-file")
         (tmp_path / "state-file").write_text("x")
         named, why = "environment: MQTT_STATE_DIR:", "not a directory"
-    baseline = sentinel_connect(broker)
+    baseline = broker.sentinel()
     for command in (["check-config"], ["run"]):
         r = cli(command + args, tmp_path, env=env)
         assert r.returncode == 2, (command, r.returncode, r.stdout, r.stderr)

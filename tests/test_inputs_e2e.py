@@ -10,18 +10,16 @@ say goodbye on SIGTERM (the seed died in the farewell packet with OverflowError)
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
 from exporter.config.sites import INSTANCE_ID_MAX_BYTES, SITE_NAME_MAX_BYTES, SITES_FILE_MAX_BYTES
-from tests.support import HOST, mqtt_client
+from tests.support import HOST
 from tests.support.broker import retained
 from tests.support.exporter import cli_env
 
@@ -40,23 +38,6 @@ def _cli(command: str, tmp_path: Path, env: dict[str, str]) -> subprocess.Comple
                           stdin=subprocess.DEVNULL)
 
 
-def _connections(broker) -> int:
-    return len(re.findall(r"^\d+: New connection from ", broker.log_text(), re.M))
-
-
-def _sentinel(broker) -> int:
-    """Connect a sentinel and wait until Mosquitto logged it (it logs in accept order, so every
-    earlier connection is in the log by then); the number of connections logged."""
-    client_id = f"sentinel-{uuid.uuid4().hex[:8]}"
-    c = mqtt_client(broker, client_id=client_id)
-    c.connect(broker.host, broker.port, keepalive=10)
-    c.loop_start()
-    try:
-        broker.wait_log(rf"^\d+: New client connected from \S+ as {client_id} ", 10)
-    finally:
-        c.disconnect()
-        c.loop_stop()
-    return _connections(broker)
 
 
 def _good(broker) -> dict:
@@ -171,7 +152,7 @@ CASES = {
 def test_hostile_input_exits_2_without_traceback_before_any_connection(broker, tmp_path, case):
     prepare, fragments = CASES[case]
     env = _env(tmp_path, **prepare(tmp_path, broker))
-    baseline = _sentinel(broker)
+    baseline = broker.sentinel()
     for command in ("check-config", "run"):
         r = _cli(command, tmp_path, env)
         output = r.stdout + r.stderr
@@ -182,7 +163,7 @@ def test_hostile_input_exits_2_without_traceback_before_any_connection(broker, t
             assert fragment in problem, (command, problem[:500])
         assert len(output) < 2000, (command, output[:500])  # no 70 000-character echo
     # Only the two sentinels ever connected: run refused before opening any connection.
-    assert _sentinel(broker) == baseline + 1, broker.log_text()
+    assert broker.sentinel() == baseline + 1, broker.log_text()
     ids = {cid for _, kind, cid in broker.events() if kind == "connect"}
     assert all(cid.startswith("sentinel-") for cid in ids), ids
 

@@ -140,6 +140,25 @@ class Broker(BrokerProcess):
         self.conf_path.write_text("\n".join(lines) + "\n")
 
     # -- accounting
+    def accepted(self) -> int:
+        """TCP connections the broker accepted so far ("New connection" lines)."""
+        return len(re.findall(r"^\d+: New connection from ", self.log_text(), re.M))
+
+    def sentinel(self) -> int:
+        """Connect a sentinel client and wait until the broker logged it. Mosquitto logs
+        connections in accept order, so every earlier connection is in the log by then.
+        Returns :meth:`accepted` at that point (the sentinel included)."""
+        client_id = f"sentinel-{uuid.uuid4().hex[:8]}"
+        c = mqtt_client(self, client_id=client_id)
+        c.connect(self.host, self.port, keepalive=10)
+        c.loop_start()
+        try:
+            self.wait_log(rf"^\d+: New client connected from \S+ as {client_id} ", 10)
+        finally:
+            c.disconnect()
+            c.loop_stop()
+        return self.accepted()
+
     def events(self) -> list[tuple[float, str, str]]:
         """[(epoch timestamp, kind, client_id)] in log order; kind: connect|disconnect|takeover.
 
