@@ -145,6 +145,7 @@ class Reaped:
     kill_at: float          # time.perf_counter() right before os.kill
     reaped_at: float        # time.perf_counter() when waitpid returned
     returncode: int         # as Popen reports it: negative for a signal
+    rusage: Any = None      # resource.struct_rusage of the child (wait4): its CPU, all threads
 
     @property
     def seconds(self) -> float:
@@ -170,12 +171,12 @@ def signal_and_reap(proc, sig: int, timeout: float) -> Reaped:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
             raise BenchError(f"pid {proc.pid} did not exit within {timeout:.1f} s of signal {sig}")
-        _, status = os.waitpid(proc.pid, 0)
+        _, status, rusage = os.wait4(proc.pid, 0)
         t1 = time.perf_counter()
     finally:
         os.close(pidfd)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Reaped(m0, t0, t1, proc.returncode)
+    return Reaped(m0, t0, t1, proc.returncode, rusage)
 
 
 def wait_healthy(exp: ExporterProcess, n: int, timeout: float) -> float:

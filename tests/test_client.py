@@ -27,6 +27,9 @@ from exporter.client import (
     build_client,
     detach_socket,
     drop_socket,
+    ip_family,
+    open_tcp,
+    write_queued,
 )
 from exporter.config import SiteConfig
 from tests.support import HOST
@@ -463,3 +466,67 @@ def test_drop_and_detach_socket(links):
     assert other.client.socket() is None and other.disconnects == []
     assert other.peer.recv(10) == b""  # closed, no DISCONNECT sent
     drop_socket(other.client)  # idempotent
+
+
+# --------------------------------------------------------------------------- many sites
+
+
+def test_ip_family_tells_addresses_from_names():
+    assert ip_family("127.0.0.1") == socket.AF_INET
+    assert ip_family("::1") == socket.AF_INET6
+    assert ip_family("broker.example") is None and ip_family("fe80::1%eth0") is None
+
+
+def test_open_tcp_connects_to_an_address_and_to_a_name():
+    with socket.create_server((HOST, 0)) as srv:
+        port = srv.getsockname()[1]
+        for host in (HOST, "localhost"):
+            with open_tcp(host, port, IO_TIMEOUT) as sock:
+                peer, _ = srv.accept()
+                peer.close()
+                assert sock.getpeername()[1] == port
+
+
+def test_open_tcp_raises_what_describe_failure_classifies():
+    with socket.create_server((HOST, 0)) as srv:
+        port = srv.getsockname()[1]
+    with pytest.raises(ConnectionRefusedError):
+        open_tcp(HOST, port, IO_TIMEOUT)
+
+
+def test_one_thread_locks_keep_pahos_in_callback_question(links):
+    link = links()
+    inside = link.client._in_callback_mutex
+    with inside:
+        assert inside.acquire(False) is False  # paho's "am I in a callback?"
+        with pytest.raises(RuntimeError):
+            inside.acquire()
+    assert inside.acquire(False) is True
+    inside.release()
+    with link.client._callback_mutex, link.client._callback_mutex:  # an RLock: reentrant
+        pass
+    with pytest.raises(RuntimeError):
+        inside.release()
+
+
+def test_packets_queued_in_a_callback_leave_in_order_with_write_queued(links):
+    link = links()
+    link.connect_ok()
+    with link.client._in_callback_mutex:  # as inside on_connect: queued, not written
+        for i in range(3):
+            link.client.publish(f"s/t{i}", b"x", qos=1)
+    assert link.client.want_write() and link.sent_nothing()
+    assert write_queued(link.client) == 0 and not link.client.want_write()
+    topics = []
+    for _ in range(3):
+        first, body = link.expect()
+        assert first >> 4 == 3
+        topics.append(body[2:2 + int.from_bytes(body[:2], "big")].decode())
+    assert topics == ["s/t0", "s/t1", "s/t2"]
+
+
+def test_paho_debug_lines_never_reach_the_logger(links, caplog):
+    with caplog.at_level(logging.DEBUG, logger="exporter.paho"):
+        link = links()
+        link.connect_ok()
+    assert not [r for r in caplog.records if r.name == "exporter.paho"]

@@ -13,11 +13,13 @@ import logging
 import time
 
 import gevent
+import gevent.socket
 import pytest
+from gevent.lock import BoundedSemaphore
 
 from exporter import wire
 from exporter.config import Settings, SiteConfig
-from exporter.connection import SiteConnection, drain_until_closed
+from exporter.connection import Drains, SiteConnection, drain_until_closed
 from exporter.presence import Identity, RecordTemplate
 from tests.support import HOST
 from tests.support.fakes import FakeClock
@@ -54,7 +56,7 @@ def connections(fake_v5_factory):
     made: list[SiteConnection] = []
 
     def make(protocol: str = "3.1.1", bridge=None, clean_session: bool = True, identity=None,
-             **peer_options):
+             connect_slots=None, **peer_options):
         peer = fake_v5_factory(**peer_options)
         site = SiteConfig(name="s", host=HOST, port=peer.port, protocol=protocol,
                           topics=("s/#",), keepalive=60)
@@ -62,7 +64,8 @@ def connections(fake_v5_factory):
                             backoff_min_seconds=0.05, backoff_max_seconds=0.1,
                             connect_timeout=2.0, cooldown_seconds=30.0,
                             clean_session=clean_session)
-        conn = SiteConnection(site, settings, FakeClock(), bridge=bridge, identity=identity)
+        conn = SiteConnection(site, settings, FakeClock(), bridge=bridge, identity=identity,
+                              connect_slots=connect_slots)
         made.append(conn)
         return conn, peer
 
@@ -255,3 +258,61 @@ def test_presence_disabled_publishes_and_subscribes_nothing_extra(connections):
     gwait(lambda: peer.subscriptions and peer.published)
     assert peer.subscriptions == [["s/#"]]
     assert all(p[1] != "s/backend/instance" for p in peer.published)
+
+
+# --------------------------------------------------------------------------- many sites
+
+
+def test_an_attempt_waits_for_a_connect_slot_and_frees_it_at_connack(connections):
+    slots = BoundedSemaphore(1)
+    slots.acquire()  # the endpoint's one slot is taken
+    conn, peer = connections(connect_slots=slots)
+    conn.start()
+    gevent.sleep(0)  # the greenlet runs until it blocks: on the slot, before any connect
+    assert peer.accepted == 0 and conn.state.state == "connecting"
+    slots.release()
+    gwait(lambda: conn.state.state == "connected")
+    assert slots.acquire(blocking=False)  # given back at the CONNACK, not held while serving
+
+
+def test_a_stopped_site_gives_up_waiting_for_a_slot(connections):
+    slots = BoundedSemaphore(1)
+    slots.acquire()
+    conn, peer = connections(connect_slots=slots)
+    conn.start()
+    gevent.sleep(0)
+    conn.stop()
+    slots.release()
+    gwait(lambda: conn._greenlet.dead)
+    assert peer.accepted == 0 and slots.acquire(blocking=False)
+
+
+def test_drains_close_every_socket_once_the_broker_has_closed(connections):
+    pairs = [connections() for _ in range(3)]
+    for conn, _ in pairs:
+        conn.start()
+    gwait(lambda: all(c.state.state == "connected" and p.published for c, p in pairs))
+    for conn, _ in pairs:
+        conn.stop()
+    sockets = [conn.send_farewell() for conn, _ in pairs]
+    drains = Drains(sockets)
+    assert drains.total == 3
+    assert drains.wait(5) is True and drains.pending == 0
+    assert all(s.fileno() == -1 for s in sockets) and drains.abandon() == 0
+    gwait(lambda: all(p.disconnects for _, p in pairs))
+
+
+def test_drains_abandon_the_sockets_a_broker_keeps_open():
+    server = gevent.socket.socket()
+    server.bind((HOST, 0))
+    server.listen(1)
+    client = gevent.socket.create_connection(server.getsockname(), timeout=2)
+    peer, _ = server.accept()
+    try:
+        drains = Drains([client])
+        assert drains.wait(0.05) is False and drains.pending == 1
+        assert drains.abandon() == 1 and client.fileno() == -1
+        assert Drains([]).wait(0) is True
+    finally:
+        peer.close()
+        server.close()

@@ -10,6 +10,7 @@ problem only, never with the offending line.
 from __future__ import annotations
 
 import errno
+import gc
 import hmac
 import ipaddress
 import os
@@ -378,6 +379,50 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+#: libyaml's parser (optional in PyYAML), or None.
+_CParser: Any = getattr(getattr(yaml, "_yaml", None), "CParser", None)
+
+
+class _FastStrictLoader(*((_CParser,) if _CParser else ()), _StrictLoader):  # type: ignore[misc]
+    """:class:`_StrictLoader` on libyaml's parser (C events; 3x faster at 10 000 sites) with
+    the same composer (depth limit), constructor (duplicate keys, conversions) and resolver.
+
+    Trusted only with documents it accepts: on any YAML error :func:`load_yaml` parses again
+    with :class:`_StrictLoader`, whose messages (and verdict) are the reference.
+    """
+
+    def __init__(self, stream: str) -> None:
+        _CParser.__init__(self, stream)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        yaml.resolver.Resolver.__init__(self)
+        self._depth = 0
+
+    # The Python composer on C events (CParser's own composer would skip the depth limit).
+    get_single_node = yaml.composer.Composer.get_single_node
+    compose_document = yaml.composer.Composer.compose_document
+    check_node = yaml.composer.Composer.check_node
+    get_node = yaml.composer.Composer.get_node
+
+
+#: Text that libyaml and PyYAML read alike (no difference in 400 000 random documents and
+#: mutated sites files): printable ASCII and newlines, without tabs, tags, block scalars,
+#: anchors, aliases, complex keys, directives, backslashes. They differ on some of those
+#: (libyaml accepts "a:\tb", "|#" and "!", PyYAML does not); such files take the reference
+#: loader.
+_LIBYAML_SAFE = re.compile(r"[\n a-zA-Z0-9\"#$'()+,\-./:;=\[\]^_{}~]*")
+
+
+def load_yaml(text: str) -> Any:
+    """The document in ``text``, read strictly (:class:`_StrictLoader`'s rules and errors)."""
+    if _CParser is not None and _LIBYAML_SAFE.fullmatch(text):
+        try:
+            return yaml.load(text, Loader=_FastStrictLoader)  # a SafeLoader's constructor
+        except yaml.YAMLError:
+            pass  # the reference loader says what is wrong, in its own words
+    return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
+
+
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """Where and what; never str(exc): it quotes the offending line, which may hold a secret."""
     problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or "parse error"
@@ -460,14 +505,31 @@ def read_sites_text(path: str) -> tuple[str | None, str | None]:
 def load_sites(
     path: str, lookup: Lookup, default_keepalive: int, errors: list[str]
 ) -> tuple[SiteConfig, ...]:
-    """Every valid site of the file at ``path``; every problem goes to ``errors``."""
+    """Every valid site of the file at ``path``; every problem goes to ``errors``.
+
+    The garbage collector is paused meanwhile: the file's nodes and sites are many objects
+    that live on, and the full collections they trigger found nothing (10 000 sites: 1.7 s
+    with the collector, 0.7 s without).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _load_sites(path, lookup, default_keepalive, errors)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _load_sites(
+    path: str, lookup: Lookup, default_keepalive: int, errors: list[str]
+) -> tuple[SiteConfig, ...]:
     problems = Problems(errors, path, word="top-level key")
     text, problem = read_sites_text(path)
     if text is None:
         problems.at(problem or "cannot read file")
         return ()
     try:
-        document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
+        document = load_yaml(text)
     except yaml.YAMLError as exc:
         problems.at(yaml_problem(exc))
         return ()
