@@ -433,8 +433,8 @@ class SiteConnection:
         """Connect, then serve the connection until it ends. Returns how it ended.
 
         From the TCP connect to the CONNACK the attempt holds one of the endpoint's connect
-        slots: 10 000 sites connecting at once overflow the broker's listen backlog (the
-        kernel drops the SYNs, retried after 1 s, 2 s...)."""
+        slots (:data:`exporter.supervisor.CONNECTS_IN_FLIGHT`): 10 000 sites connecting at
+        once would all write CONNECT before the first CONNACK is read."""
         try:
             if not self._take_slot():
                 return ConnectionEnd(connected=False)
