@@ -71,6 +71,13 @@ class BrokerView:
         if state.enabled:
             self.sites += 1
 
+    def remove_site(self, state: SiteState) -> None:
+        """A site of this endpoint went away (a reload removed or changed it)."""
+        if state in self.states:
+            self.states.remove(state)
+            if state.enabled:
+                self.sites -= 1
+
     @property
     def connected(self) -> int:
         """Sites of the endpoint connected now."""

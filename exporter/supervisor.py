@@ -18,10 +18,12 @@ from .bridge import build as build_bridges
 from .brokers import BrokerView
 from .connection import SiteConnection, drain_until_closed
 from .presence import Identity
+from .reload import ConfigStatus
 from .state import Clock, ShutdownHistory, SiteState, SystemClock
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .bridge import SiteBridge
+    from .config import Settings, SiteConfig
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,19 @@ FD_HEADROOM = 256
 #: Descriptors the HTTP server leaves to the rest of the process beyond one per site (the
 #: descriptor budget's reserve; the HTTP cap comes out of FD_HEADROOM's remainder).
 FD_RESERVE = 64
+
+
+@dataclass(frozen=True)
+class SiteChanges:
+    """What a reload did, by site name."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return (f"{len(self.added)} added, {len(self.removed)} removed, "
+                f"{len(self.changed)} changed")
 
 
 @dataclass(frozen=True)
@@ -83,25 +98,32 @@ class Service:
         # `bridge:` gets bridge=None.
         self.bridge_store: BridgeStore | None
         self.bridge_store, bridges = build_bridges(settings, self.clock)
+        self._rng = rng
         # One view per broker endpoint (host:port), shared by its sites: what tells a broker
         # event (several sites lose their connections at once) from a takeover.
-        views: dict[str, BrokerView] = {}
+        self._views: dict[str, BrokerView] = {}
         self.connections = []
         for site in settings.sites:
-            view = views.get(site.broker)
-            if view is None:
-                view = views[site.broker] = BrokerView(
-                    site.broker, settings.broker_event_window_seconds, self.clock)
-            conn = SiteConnection(site, settings, self.clock, rng,
-                                  bridge=bridges.get(site.name), identity=self.identity,
-                                  broker=view)
-            view.add_site(conn.state)
-            self.connections.append(conn)
+            self.connections.append(self._connection(site, bridges.get(site.name)))
         #: The broker endpoints with at least one enabled site, in the order of the sites
         #: file (an endpoint of disabled sites only has no connection to watch).
-        self.brokers: list[BrokerView] = [v for v in views.values() if v.sites]
+        self.brokers: list[BrokerView] = [v for v in self._views.values() if v.sites]
         self.shutdown_history = ShutdownHistory.load(settings.state_dir)
+        #: The configuration's reload history (read by metrics and health).
+        self.config_status = ConfigStatus(loaded=settings.sites_loaded, at=self.clock.time(),
+                                          sites_total=settings.sites_total,
+                                          shard=settings.shard)
         self.running = False
+
+    def _connection(self, site: SiteConfig, bridge: SiteBridge | None) -> SiteConnection:
+        view = self._views.get(site.broker)
+        if view is None:
+            view = self._views[site.broker] = BrokerView(
+                site.broker, self.settings.broker_event_window_seconds, self.clock)
+        conn = SiteConnection(site, self.settings, self.clock, self._rng, bridge=bridge,
+                              identity=self.identity, broker=view)
+        view.add_site(conn.state)
+        return conn
 
     @property
     def instance_id(self) -> str:
@@ -116,6 +138,71 @@ class Service:
         for conn in self.connections:
             conn.start()
         self.running = True
+
+    def apply(self, settings: Settings) -> SiteChanges:
+        """Run ``settings`` (a reload: same environment, new sites) without a restart.
+
+        Removed sites say goodbye (offline, DISCONNECT) and go; changed sites do the same and
+        then connect with their new configuration; added sites connect; untouched sites keep
+        their broker connection. Goodbyes run in parallel, bounded by the shutdown timeout.
+        """
+        new_sites = {site.name: site for site in settings.sites}
+        old = {conn.site.name: conn for conn in self.connections}
+        changes = SiteChanges(
+            added=tuple(n for n in new_sites if n not in old),
+            removed=tuple(n for n in old if n not in new_sites),
+            changed=tuple(n for n, c in old.items() if n in new_sites and new_sites[n] != c.site),
+        )
+        self.settings = settings
+        leaving = [old[name] for name in changes.removed + changes.changed]
+        for conn in leaving:
+            conn.stop()
+        # Drop them from what metrics and health read at once; then say goodbye.
+        self.connections = [c for c in self.connections if c not in leaving]
+        for conn in leaving:
+            if conn.broker is not None:
+                conn.broker.remove_site(conn.state)
+            if self.bridge_store is not None:
+                self.bridge_store.drop_site(conn.site.name)
+        if leaving:
+            self._retire(leaving)
+        entering = {name: new_sites[name] for name in changes.added + changes.changed}
+        staying = {c.site.name: c for c in self.connections}
+        connections = []
+        for site in settings.sites:
+            kept = staying.get(site.name)
+            connections.append(kept if kept is not None
+                               else self._connection(site, self._bridge_for(site)))
+        self.connections = connections
+        self.brokers = [v for v in self._views.values() if v.sites]
+        if self.running:
+            raise_fd_limit(len(connections), settings.http_max_connections)
+            for conn in connections:
+                if conn.site.name in entering:
+                    conn.start()
+        return changes
+
+    def _bridge_for(self, site: SiteConfig) -> SiteBridge | None:
+        if site.bridge is None:
+            return None
+        if self.bridge_store is None:
+            self.bridge_store = BridgeStore(self.clock, self.settings.bridge_max_series)
+        return self.bridge_store.site(site.name, site.bridge, site.status_topic)
+
+    def _retire(self, leaving: list[SiteConnection]) -> None:
+        """Goodbye (tombstone, offline, DISCONNECT) on every connection in ``leaving``, all
+        at once, until the broker closes each or the shutdown timeout passes."""
+        deadline = self.clock.monotonic() + self.settings.shutdown_timeout
+        sockets = [s for s in (c.send_farewell() for c in leaving) if s is not None]
+        drains = [gevent.spawn(drain_until_closed, s)  # type: ignore[no-untyped-call]
+                  for s in sockets]
+        drains += [gevent.spawn(c.send_tombstone_elsewhere,  # type: ignore[no-untyped-call]
+                                deadline)
+                   for c in leaving if c.needs_tombstone_elsewhere()]
+        gevent.joinall(drains,  # type: ignore[no-untyped-call]
+                       timeout=max(0.0, deadline - self.clock.monotonic()))
+        gevent.killall([d for d in drains if not d.dead],  # type: ignore[no-untyped-call]
+                       block=False)
 
     def shutdown(self, started_at: float | None = None) -> ShutdownResult:
         """Close every connection at once, bounded by ``settings.shutdown_timeout``.

@@ -114,6 +114,27 @@ class BridgeStore:
         self.min_expire = min(self.min_expire, config.expire_after)
         return bridge
 
+    def drop_site(self, name: str) -> int:
+        """Forget a site (removed or changed by a reload): its series, counters and bridge.
+        Returns how many series went. O(all series); reloads are rare."""
+        stats = self.sites.pop(name, None)
+        if stats is None:
+            return 0
+        self.bridges = [b for b in self.bridges if b.name != name]
+        self.min_expire = min((b.expire_after for b in self.bridges), default=math.inf)
+        removed = 0
+        for fam in list(self.families.values()):
+            for key, s in list(fam.series.items()):
+                if s.stats is stats:
+                    del fam.series[key]
+                    if s.owner.get(s.key) is s:
+                        del s.owner[s.key]
+                    removed += 1
+            if not fam.series:
+                del self.families[fam.name]
+        self.total -= removed
+        return removed
+
     # -- series life cycle (slow paths) --------------------------------------------------
     def add(self, stats: SiteStats, limit: int, name: str, kind: str, help_text: str,
             labels: dict[str, str], text: str, owner: Slots, key: Hashable, value: float,

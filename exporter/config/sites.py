@@ -461,11 +461,19 @@ def load_sites(
     path: str, lookup: Lookup, default_keepalive: int, errors: list[str]
 ) -> tuple[SiteConfig, ...]:
     """Every valid site of the file at ``path``; every problem goes to ``errors``."""
-    problems = Problems(errors, path, word="top-level key")
     text, problem = read_sites_text(path)
     if text is None:
-        problems.at(problem or "cannot read file")
+        Problems(errors, path, word="top-level key").at(problem or "cannot read file")
         return ()
+    return parse_sites_text(text, path, lookup, default_keepalive, errors)
+
+
+def parse_sites_text(
+    text: str, path: str, lookup: Lookup, default_keepalive: int, errors: list[str]
+) -> tuple[SiteConfig, ...]:
+    """Every valid site of a sites document (YAML, or JSON, its subset) read from ``path``
+    (a file name or URL, as problems name it); every problem goes to ``errors``."""
+    problems = Problems(errors, path, word="top-level key")
     try:
         document = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
