@@ -126,8 +126,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     service = Service(settings)
     reloader = Reloader(service, service.clock)
-    if not settings.sites_loaded:  # MQTT_SITES_URL: its first answer
-        reloader.reload(force=True)
     running.extend((service, reloader))
     from .supervisor import reserved_descriptors
     server = make_server(settings.listen_host, settings.listen_port,
@@ -140,6 +138,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("Cannot listen on %s:%d: %s", settings.listen_host, settings.listen_port, exc)
         return 1
+    if not settings.sites_loaded:  # MQTT_SITES_URL: its first answer (HTTP is up meanwhile)
+        reloader.reload(force=True)
     shard = f", shard {settings.shard}" if settings.shard is not None else ""
     log.info("mqtt-site-exporter %s (instance %s%s): %d sites from %s, listening on %s:%d",
              __version__, settings.instance_id, shard, len(service.connections),
