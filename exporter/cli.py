@@ -125,7 +125,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     configure_logging(settings.log_level, settings.log_format)
     service = Service(settings)
-    reloader = Reloader(service, service.clock)
+    reloader = Reloader(service, service.clock,
+                        offload=gevent.get_hub().threadpool.apply)  # type: ignore[no-untyped-call]
     running.extend((service, reloader))
     from .supervisor import reserved_descriptors
     server = make_server(settings.listen_host, settings.listen_port,

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 #: Descriptors kept free beyond one per site and the HTTP connections: logs, the state file,
 #: the listener, DNS lookups, a presence tombstone's extra connection.
 FD_HEADROOM = 256
+#: A reload that builds many connections lets the hub run after this many.
+YIELD_EVERY = 256
 #: Descriptors the HTTP server leaves to the rest of the process beyond one per site (the
 #: descriptor budget's reserve; the HTTP cap comes out of FD_HEADROOM's remainder).
 FD_RESERVE = 64
@@ -168,11 +170,14 @@ class Service:
             self._retire(leaving)
         entering = {name: new_sites[name] for name in changes.added + changes.changed}
         staying = {c.site.name: c for c in self.connections}
-        connections = []
+        connections: list[SiteConnection] = []
         for site in settings.sites:
             kept = staying.get(site.name)
-            connections.append(kept if kept is not None
-                               else self._connection(site, self._bridge_for(site)))
+            if kept is None:
+                kept = self._connection(site, self._bridge_for(site))
+                if len(connections) % YIELD_EVERY == 0:
+                    gevent.sleep(0)  # type: ignore[no-untyped-call]  # let the hub run
+            connections.append(kept)
         self.connections = connections
         self.brokers = [v for v in self._views.values() if v.sites]
         if self.running:
