@@ -7,6 +7,7 @@ are logged, the running sites stay, and :class:`ConfigStatus` (what ``/metrics``
 """
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,17 @@ class Reloader:
             self._busy.clear()
 
     def _reload(self, force: bool) -> bool | None:
+        # A garbage collection during the reload of 10 000 sites visits every object of the
+        # process again and again (measured: 8.1 s instead of 2.7 s, the hub stalled 0.7 s).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._read_and_apply(force)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _read_and_apply(self, force: bool) -> bool | None:
         settings = self.service.settings
         source = settings.source
         if source is None:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: the listener, DNS lookups, a presence tombstone's extra connection.
 FD_HEADROOM = 256
 #: A reload that builds many connections lets the hub run after this many.
-YIELD_EVERY = 256
+YIELD_EVERY = 128
 #: Descriptors the HTTP server leaves to the rest of the process beyond one per site (the
 #: descriptor budget's reserve; the HTTP cap comes out of FD_HEADROOM's remainder).
 FD_RESERVE = 64
@@ -176,7 +176,8 @@ class Service:
             if kept is None:
                 kept = self._connection(site, self._bridge_for(site))
                 if len(connections) % YIELD_EVERY == 0:
-                    gevent.sleep(0)  # type: ignore[no-untyped-call]  # let the hub run
+                    # Not sleep(0): that runs ready greenlets only, not timers and I/O.
+                    gevent.sleep(0.001)  # type: ignore[no-untyped-call]
             connections.append(kept)
         self.connections = connections
         self.brokers = [v for v in self._views.values() if v.sites]
