@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import bridge, duplicates, faults, kill_offline, scrape, shutdown
+from . import bridge, duplicates, faults, kill_offline, reload, scrape, shutdown
 from .common import BenchContext, BenchResult
 
 BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
@@ -19,4 +19,5 @@ BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
     "scrape": scrape.run,
     "duplicates": duplicates.run,
     "faults": faults.run,
+    "reload": reload.run,
 }

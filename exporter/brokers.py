@@ -71,12 +71,11 @@ class BrokerView:
         if state.enabled:
             self.sites += 1
 
-    def remove_site(self, state: SiteState) -> None:
-        """A site of this endpoint went away (a reload removed or changed it)."""
-        if state in self.states:
-            self.states.remove(state)
-            if state.enabled:
-                self.sites -= 1
+    def remove_sites(self, states: Iterable[SiteState]) -> None:
+        """Sites of this endpoint went away (a reload removed or changed them)."""
+        gone = {id(state) for state in states}
+        self.states = [st for st in self.states if id(st) not in gone]
+        self.sites = sum(1 for st in self.states if st.enabled)
 
     @property
     def connected(self) -> int:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: the listener, DNS lookups, a presence tombstone's extra connection.
 FD_HEADROOM = 256
 #: A reload that builds many connections lets the hub run after this many.
-YIELD_EVERY = 128
+YIELD_EVERY = 32
 #: Descriptors the HTTP server leaves to the rest of the process beyond one per site (the
 #: descriptor budget's reserve; the HTTP cap comes out of FD_HEADROOM's remainder).
 FD_RESERVE = 64
@@ -160,32 +160,36 @@ class Service:
         for conn in leaving:
             conn.stop()
         # Drop them from what metrics and health read at once; then say goodbye.
-        self.connections = [c for c in self.connections if c not in leaving]
+        gone = {id(conn) for conn in leaving}
+        self.connections = [c for c in self.connections if id(c) not in gone]
+        by_view: dict[int, tuple[BrokerView, list[SiteState]]] = {}
         for conn in leaving:
             if conn.broker is not None:
-                conn.broker.remove_site(conn.state)
-            if self.bridge_store is not None:
-                self.bridge_store.drop_site(conn.site.name)
+                by_view.setdefault(id(conn.broker), (conn.broker, []))[1].append(conn.state)
+        for view, states in by_view.values():
+            view.remove_sites(states)
+        if self.bridge_store is not None:
+            self.bridge_store.drop_sites(conn.site.name for conn in leaving)
         if leaving:
             self._retire(leaving)
-        entering = {name: new_sites[name] for name in changes.added + changes.changed}
         staying = {c.site.name: c for c in self.connections}
+        if self.running:
+            raise_fd_limit(len(settings.sites), settings.http_max_connections)
         connections: list[SiteConnection] = []
+        built = 0
         for site in settings.sites:
             kept = staying.get(site.name)
             if kept is None:
                 kept = self._connection(site, self._bridge_for(site))
-                if len(connections) % YIELD_EVERY == 0:
+                if self.running:
+                    kept.start()
+                built += 1
+                if built % YIELD_EVERY == 0:
                     # Not sleep(0): that runs ready greenlets only, not timers and I/O.
                     gevent.sleep(0.001)  # type: ignore[no-untyped-call]
             connections.append(kept)
         self.connections = connections
         self.brokers = [v for v in self._views.values() if v.sites]
-        if self.running:
-            raise_fd_limit(len(connections), settings.http_max_connections)
-            for conn in connections:
-                if conn.site.name in entering:
-                    conn.start()
         return changes
 
     def _bridge_for(self, site: SiteConfig) -> SiteBridge | None:
