@@ -134,6 +134,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                          max_connections=settings.http_max_connections,
                          timeout=settings.http_timeout_seconds,
                          reserved_fds=reserved_descriptors(len(settings.sites)))
+
+    def resize_reserve(applied: Settings) -> None:
+        server.reserved_fds = reserved_descriptors(len(applied.sites))
+
+    reloader.applied = resize_reserve
     try:
         server.start()  # type: ignore[no-untyped-call]
     except OSError as exc:

@@ -79,6 +79,9 @@ class Reloader:
     #: Runs the parse and validation, ``offload(fn, args)``: in ``run``, gevent's thread
     #: pool, so the hub keeps serving connections and /health while 10 000 sites are read.
     offload: Callable[[Callable[..., Settings], tuple[Any, ...]], Settings] | None = None
+    #: Called with the new settings once they are applied (the CLI resizes the HTTP
+    #: server's descriptor reserve to the new number of sites).
+    applied: Callable[[Settings], None] | None = None
     _busy: list[bool] = field(default_factory=list)
 
     def reload(self, force: bool = False) -> bool | None:
@@ -121,6 +124,8 @@ class Reloader:
         except ConfigError as exc:
             return self._failed(exc.errors)
         changes = self.service.apply(new)
+        if self.applied is not None:
+            self.applied(new)
         status = self.service.config_status
         status.loaded = status.successful = True
         status.at = status.success_at = self.clock.time()

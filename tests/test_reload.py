@@ -112,3 +112,13 @@ def test_report_names_shard_and_counts():
     report = status.report()
     assert report["last_reload_successful"] is True and report["shard"] is None
     assert ConfigStatus(loaded=False, at=10.0).success_at is None
+
+
+def test_applied_hook_gets_the_new_settings_only_when_applied(tmp_path):
+    r, service, _ = reloader(tmp_path, [SITE])
+    seen = []
+    r.applied = lambda settings: seen.append(len(settings.sites))
+    write(tmp_path, [{**SITE, "port": "x"}])
+    assert r.reload() is False and seen == []
+    write(tmp_path, [SITE, {**SITE, "name": "b"}])
+    assert r.reload() is True and seen == [2]
