@@ -237,8 +237,12 @@ def test_prometheus_rule_structure(objects):
     assert set(rule["spec"]) == {"groups"}
     for group in rule["spec"]["groups"]:
         assert group["name"] and group["rules"]
+        assert set(group) <= {"name", "interval", "rules", "limit", "query_offset"}, group
         for r in group["rules"]:
             assert ("alert" in r) != ("record" in r), r
+            # The fields of the CRD's Rule (keep_firing_for: Prometheus Operator >= 0.66).
+            assert set(r) <= {"alert", "record", "expr", "for", "keep_firing_for", "labels",
+                              "annotations"}, r
             assert isinstance(r["expr"], str) and r["expr"].strip()
 
 
@@ -371,11 +375,16 @@ def test_sites_load_with_the_secret(objects, tmp_path):
         (tmp_path / "secrets" / key).write_text(value)
     sites_file = tmp_path / "sites.yml"
     sites_file.write_text(text.replace(secret_dir + "/", str(tmp_path / "secrets") + "/"))
-    environ = dict(variables, MQTT_SITES_FILE=str(sites_file),
-                   MQTT_STATE_DIR=str(tmp_path / "state"),
-                   HOSTNAME=f"{one(objects, 'StatefulSet')['metadata']['name']}-0")
-    settings = load_settings(environ=environ, cwd=str(tmp_path))
-    assert [s.name for s in settings.sites] == [s["name"] for s in document["sites"]]
+    # As each replica loads it (HOSTNAME = the pod name gives the shard): together they
+    # cover every site.
+    sts = one(objects, "StatefulSet")
+    loaded: set[str] = set()
+    for ordinal in range(sts["spec"]["replicas"]):
+        environ = dict(variables, MQTT_SITES_FILE=str(sites_file),
+                       MQTT_STATE_DIR=str(tmp_path / "state"),
+                       HOSTNAME=f"{sts['metadata']['name']}-{ordinal}")
+        loaded |= {s.name for s in load_settings(environ=environ, cwd=str(tmp_path)).sites}
+    assert loaded == {s["name"] for s in document["sites"]}
 
 
 def quantity(value: str | int) -> float:
