@@ -60,9 +60,6 @@ generator = _load_generator()
 KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 CORE_KINDS = {"StatefulSet", "Service", "ConfigMap", "Secret", "PodDisruptionBudget"}
 OPERATOR_KINDS = {"PodMonitor", "PrometheusRule"}
-#: Variables being added by issue #10 (sharding, hot reload) that ENV_VARS may not declare yet
-#: on this branch; drop a name here once environment.py declares it.
-PENDING_ENV_VARS = {"MQTT_SHARDS", "MQTT_SITES_RELOAD_SECONDS"}
 LIVENESS_PATH = "/-/healthy"   # 200 whenever the HTTP server answers (Prometheus' semantics)
 SHUTDOWN_TIMEOUT_DEFAULT = next(v.default for v in ENV_VARS if v.name == "MQTT_SHUTDOWN_TIMEOUT")
 KUBECTL = shutil.which("kubectl")
@@ -308,7 +305,7 @@ def test_security_context(objects):
 
 def test_environment(objects):
     variables = env(objects)
-    known = {v.name for v in ENV_VARS} | PENDING_ENV_VARS
+    known = {v.name for v in ENV_VARS}
     assert set(variables) <= known, sorted(set(variables) - known)
     # The default instance ID is the host name = the pod name: stable, one per replica.
     assert "MQTT_INSTANCE_ID" not in variables
