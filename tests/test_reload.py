@@ -115,7 +115,7 @@ def test_report_names_shard_and_counts():
 
 
 def test_applied_hook_gets_the_new_settings_only_when_applied(tmp_path):
-    r, service, _ = reloader(tmp_path, [SITE])
+    r, _, _ = reloader(tmp_path, [SITE])
     seen = []
     r.applied = lambda settings: seen.append(len(settings.sites))
     write(tmp_path, [{**SITE, "port": "x"}])
