@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import bridge, duplicates, faults, kill_offline, scale, scrape, shutdown
+from . import bridge, duplicates, faults, kill_offline, reload, scale, scrape, shutdown
 from .common import BenchContext, BenchResult
 
 BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
@@ -19,5 +19,6 @@ BENCHMARKS: dict[str, Callable[[BenchContext], BenchResult]] = {
     "scrape": scrape.run,
     "duplicates": duplicates.run,
     "faults": faults.run,
+    "reload": reload.run,
     "scale": scale.run,
 }

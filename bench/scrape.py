@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 from exporter.bridge import BridgeStore
 from exporter.config import BridgeConfig
 from exporter.metrics import build_registry, make_metrics_app, process_registry
+from exporter.reload import ConfigStatus
 from exporter.state import ShutdownHistory, SiteState, SystemClock
 
 from .common import BenchContext, BenchResult, Row
@@ -59,7 +60,8 @@ def _service(bridged: bool):
             st.connect_duration.observe(0.004)
     return types.SimpleNamespace(clock=clock, site_states=states, instance_id="bench",
                                  shutdown_history=ShutdownHistory("/nonexistent/none"),
-                                 bridge_store=store, brokers=[], running=True)
+                                 bridge_store=store, brokers=[], running=True,
+                                 config_status=ConfigStatus(loaded=True, at=0.0))
 
 
 def _get(app, gzip: bool) -> tuple[float, int]:

@@ -71,6 +71,12 @@ class BrokerView:
         if state.enabled:
             self.sites += 1
 
+    def remove_sites(self, states: Iterable[SiteState]) -> None:
+        """Sites of this endpoint went away (a reload removed or changed them)."""
+        gone = {id(state) for state in states}
+        self.states = [st for st in self.states if id(st) not in gone]
+        self.sites = sum(1 for st in self.states if st.enabled)
+
     @property
     def connected(self) -> int:
         """Sites of the endpoint connected now."""

@@ -36,10 +36,10 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, str]:
             if var.flag is not None and hasattr(args, var.name)}
 
 
-def _load_settings_or_exit(args: argparse.Namespace) -> Settings:
+def _load_settings_or_exit(args: argparse.Namespace, fetch: bool = True) -> Settings:
     from .config import ConfigError, load_settings
     try:
-        return load_settings(overrides=flag_overrides(args))
+        return load_settings(overrides=flag_overrides(args), fetch=fetch)
     except ConfigError as exc:
         _config_error_exit(exc.errors)
 
@@ -86,8 +86,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         stop_requested.set()  # type: ignore[no-untyped-call]
 
     def on_hup(signum: int) -> None:
-        log.warning("SIGHUP received: configuration reload is not available in this version; "
-                    "keeping the running configuration (restart to apply changes)")
+        if not running:
+            log.warning("SIGHUP received during start-up: the sites are being loaded; ignored")
+            return
+        log.info("SIGHUP received: reloading the sites from %s", running[1].service.settings
+                 .sites_origin)
+        gevent.spawn(running[1].reload, True)  # type: ignore[no-untyped-call]
 
     def on_usr1(signum: int) -> None:
         from .logs import dump_state
@@ -106,7 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         signum = getattr(signal, name)
         gevent.signal_handler(signum, handler, signum)  # type: ignore[no-untyped-call]
 
-    settings = _load_settings_or_exit(args)
+    # A sites URL is fetched below: an endpoint that is down delays the sites, not the start.
+    settings = _load_settings_or_exit(args, fetch=False)
     from .config.environment import ensure_state_dir, source
     problem = ensure_state_dir(settings.state_dir)
     if problem is not None:
@@ -115,28 +120,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .http import make_app, make_server
     from .logs import configure_logging
     from .metrics import process_registry
+    from .reload import Reloader
     from .supervisor import Service
 
     configure_logging(settings.log_level, settings.log_format)
     service = Service(settings)
-    running.append(service)
+    reloader = Reloader(service, service.clock,
+                        offload=gevent.get_hub().threadpool.apply)  # type: ignore[no-untyped-call]
+    running.extend((service, reloader))
     from .supervisor import reserved_descriptors
     server = make_server(settings.listen_host, settings.listen_port,
                          make_app(service, process_registry(), **app_kw), **server_kw,
                          max_connections=settings.http_max_connections,
                          timeout=settings.http_timeout_seconds,
                          reserved_fds=reserved_descriptors(len(settings.sites)))
+
+    def resize_reserve(applied: Settings) -> None:
+        server.reserved_fds = reserved_descriptors(len(applied.sites))
+
+    reloader.applied = resize_reserve
     try:
         server.start()  # type: ignore[no-untyped-call]
     except OSError as exc:
         log.error("Cannot listen on %s:%d: %s", settings.listen_host, settings.listen_port, exc)
         return 1
-    log.info("mqtt-site-exporter %s (instance %s): %d sites, listening on %s:%d",
-             __version__, settings.instance_id, len(settings.sites),
-             settings.listen_host, settings.listen_port)
+    if not settings.sites_loaded:  # MQTT_SITES_URL: its first answer (HTTP is up meanwhile)
+        reloader.reload(force=True)
+    shard = f", shard {settings.shard}" if settings.shard is not None else ""
+    log.info("mqtt-site-exporter %s (instance %s%s): %d sites from %s, listening on %s:%d",
+             __version__, settings.instance_id, shard, len(service.connections),
+             settings.sites_origin, settings.listen_host, settings.listen_port)
     if not stop_requested.is_set():  # type: ignore[no-untyped-call]
         service.start()
+        if settings.sites_reload_seconds > 0:
+            poller = gevent.spawn(reloader.run,  # type: ignore[no-untyped-call]
+                                  settings.sites_reload_seconds, gevent.sleep)
         stop_requested.wait()  # type: ignore[no-untyped-call]
+        if settings.sites_reload_seconds > 0:
+            poller.kill(block=False)
     service.shutdown(signal_at[0])
     server.stop(timeout=0)  # type: ignore[no-untyped-call]
     logging.shutdown()
@@ -237,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run", help="run the service (default)",
         description="Run the service until SIGTERM, SIGINT or SIGQUIT (each a clean shutdown). "
-        "SIGHUP: configuration reload (not available yet: logged, the process keeps running). "
+        "SIGHUP: reload the sites file (or MQTT_SITES_URL) now; a change is also picked up "
+        "every MQTT_SITES_RELOAD_SECONDS. "
         "SIGUSR1: write every site's state and every greenlet's stack to the log.")
     add_config_flags(run)
     check = sub.add_parser("check-config", help="validate the configuration and print the sites",

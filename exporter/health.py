@@ -5,15 +5,21 @@ site not connected, or another process uses some enabled site's client ID (a dup
 episode, docs/duplicates.md: on both instances), or the broker refused some of a connected
 site's subscriptions (SUBACK failure, e.g. an ACL: connected, but those topics never arrive;
 such a site is not counted as healthy, and its ``problems`` say why); ``critical``: none connected (with at
-least one enabled) or the service not running. HTTP 200 for healthy and degraded, 503
-for critical. No secret is ever included: the site objects carry none.
+least one enabled), the service not running, or no sites document loaded yet
+(MQTT_SITES_URL has not answered). HTTP 200 for healthy and degraded, 503 for critical. A
+rejected reload does not change the status (the last good sites keep running); ``config``
+says so. No secret is ever included: the site objects carry none, a URL is shown without
+credentials.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .state import ServiceView, SiteState
+
+if TYPE_CHECKING:
+    from .reload import ConfigStatus
 
 HEALTHY, DEGRADED, CRITICAL = "healthy", "degraded", "critical"
 HTTP_STATUS = {HEALTHY: 200, DEGRADED: 200, CRITICAL: 503}
@@ -73,13 +79,17 @@ def site_report(st: SiteState, now_monotonic: float) -> dict[str, Any]:
 
 
 def health_report(running: bool, instance_id: str, states: Sequence[SiteState],
-                  now_monotonic: float, verbose: bool = False) -> tuple[int, dict[str, Any]]:
-    """Returns ``(http_status, body)`` for the given site states."""
+                  now_monotonic: float, verbose: bool = False,
+                  config: ConfigStatus | None = None) -> tuple[int, dict[str, Any]]:
+    """Returns ``(http_status, body)`` for the given site states (and the sites document's
+    load history, ``config``, when given)."""
     enabled = sum(1 for st in states if st.enabled)
     connected = sum(1 for st in states if st.enabled and st.connected)
     duplicated = sum(1 for st in states if st.enabled and st.duplicate is not None)
     with_refusals = sum(1 for st in states if refused(st))
     status = overall_status(running, enabled, connected, duplicated, with_refusals)
+    if config is not None and not config.loaded:
+        status = CRITICAL
     healthy = connected - with_refusals
     body: dict[str, Any] = {
         "status": status,
@@ -87,6 +97,9 @@ def health_report(running: bool, instance_id: str, states: Sequence[SiteState],
         "connections": {"total": len(states), "enabled": enabled,
                         "healthy": healthy, "unhealthy": enabled - healthy},
     }
+    if verbose and config is not None:
+        body["service"]["shard"] = str(config.shard) if config.shard is not None else None
+        body["config"] = config.report()
     if verbose:
         body["sites"] = [site_report(st, now_monotonic) for st in states]
     return HTTP_STATUS[status], body
@@ -95,4 +108,4 @@ def health_report(running: bool, instance_id: str, states: Sequence[SiteState],
 def service_health(service: ServiceView, verbose: bool = False) -> tuple[int, dict[str, Any]]:
     """:func:`health_report` of a running (or stopped) service, as ``/health`` serves it."""
     return health_report(service.running, service.instance_id, service.site_states,
-                         service.clock.monotonic(), verbose)
+                         service.clock.monotonic(), verbose, service.config_status)

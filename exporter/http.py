@@ -45,11 +45,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEALTH_PATHS = frozenset({"/health", "/health/", "/api/v1/mqtt/health", "/api/v1/mqtt/health/"})
+#: Liveness, as Prometheus names it: 200 whenever the process serves HTTP, whatever the
+#: brokers do (a liveness probe must not restart the exporter because a broker is down).
+LIVENESS_PATH = "/-/healthy"
 ALLOWED_METHODS = ("GET", "HEAD")
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 INDEX = b"""<html><head><title>mqtt-site-exporter</title></head><body>
 <h1>mqtt-site-exporter</h1>
-<p><a href="/metrics">/metrics</a> <a href="/health?verbose=true">/health?verbose=true</a></p>
+<p><a href="/metrics">/metrics</a> <a href="/health?verbose=true">/health?verbose=true</a>
+<a href="/-/healthy">/-/healthy</a></p>
 </body></html>
 """
 REALM = "mqtt-site-exporter"
@@ -104,7 +108,7 @@ def make_app(service: ServiceView, registry: CollectorRegistry, *,
             return _respond(start_response, "401 Unauthorized", b"unauthorized\n", "text/plain",
                             [("WWW-Authenticate", f'Basic realm="{REALM}"')])
         path = environ.get("PATH_INFO") or "/"
-        known = path in HEALTH_PATHS or path in ("/metrics", "/")
+        known = path in HEALTH_PATHS or path in ("/metrics", "/", LIVENESS_PATH)
         if not known:
             return _respond(start_response, "404 Not Found", b"not found\n", "text/plain")
         if environ.get("REQUEST_METHOD") not in ALLOWED_METHODS:
@@ -115,6 +119,9 @@ def make_app(service: ServiceView, registry: CollectorRegistry, *,
             return metrics_app(environ, start_response)
         if path == "/":
             return _respond(start_response, "200 OK", INDEX, "text/html; charset=utf-8")
+        if path == LIVENESS_PATH:
+            return _respond(start_response, "200 OK", b"OK\n", "text/plain; charset=utf-8",
+                            [("Cache-Control", "no-store")])
         verbose = _verbose(environ.get("QUERY_STRING", ""))
         code, body = service_health(service, verbose)
         text = "OK" if code == 200 else "Service Unavailable"

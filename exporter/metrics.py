@@ -284,6 +284,35 @@ FAMILIES: tuple[AnyFamily, ...] = (
     ServiceFamily("mqtt_exporter_build_info", INFO, "Version and instance of this exporter.",
                   labels=("version", "instance_id"),
                   read=lambda svc: (__version__, svc.instance_id)),
+    ServiceFamily("mqtt_exporter_config_last_reload_successful", GAUGE,
+                  "1 if the last load of the sites document (start, SIGHUP or a change seen "
+                  "every MQTT_SITES_RELOAD_SECONDS) was applied, 0 if it was rejected or "
+                  "could not be read (the sites of the last good one keep running).",
+                  read=lambda svc: 1.0 if svc.config_status.successful else 0.0),
+    ServiceFamily("mqtt_exporter_config_last_reload_success_timestamp_seconds", GAUGE,
+                  "Unix time of the last successful load of the sites document (0: none yet, "
+                  "MQTT_SITES_URL has not answered with a valid document).",
+                  read=lambda svc: svc.config_status.success_at or 0.0),
+    ServiceFamily("mqtt_exporter_config_reloads_total", COUNTER,
+                  "Reloads that read a new sites document or failed to (unchanged ones are "
+                  "not counted), successful or not.",
+                  read=lambda svc: svc.config_status.reloads),
+    ServiceFamily("mqtt_exporter_config_reload_failures_total", COUNTER,
+                  "Reloads whose sites document was invalid or could not be read.",
+                  read=lambda svc: svc.config_status.failures),
+    ServiceFamily("mqtt_exporter_config_sites", GAUGE,
+                  "Sites in the applied sites document, all shards together (each replica "
+                  "holds its shard's share of them).",
+                  read=lambda svc: svc.config_status.sites_total),
+    ServiceFamily("mqtt_exporter_shard", GAUGE,
+                  "This replica's shard index i of MQTT_SHARD=i/N or its StatefulSet ordinal "
+                  "(0 without sharding).",
+                  read=lambda svc: svc.config_status.shard.index
+                  if svc.config_status.shard is not None else 0),
+    ServiceFamily("mqtt_exporter_shards", GAUGE,
+                  "Number of shards N the sites are spread over (1 without sharding).",
+                  read=lambda svc: svc.config_status.shard.count
+                  if svc.config_status.shard is not None else 1),
 )
 
 
@@ -546,6 +575,7 @@ def reference_markdown(families: Sequence[AnyFamily] = FAMILIES) -> str:
     collector's, each with type, labels and HELP."""
     from .bridge import BridgeStore
     from .config import BridgeConfig
+    from .reload import ConfigStatus
     from .state import ShutdownHistory, SystemClock
 
     class _OneSite:
@@ -557,6 +587,7 @@ def reference_markdown(families: Sequence[AnyFamily] = FAMILIES) -> str:
         running = True
         bridge_store = None
         brokers = [BrokerView("host:1883", states=site_states)]
+        config_status = ConfigStatus(loaded=True, at=0.0)
 
     collected = dict(zip(families, collect_families(_OneSite(), families)))
     store = BridgeStore(SystemClock())

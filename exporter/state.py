@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from .bridge import BridgeStore
     from .brokers import BrokerView
+    from .reload import ConfigStatus
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,11 @@ class ServiceView(Protocol):
     @property
     def bridge_store(self) -> BridgeStore | None:
         """The bridged series of every site with ``bridge:``; None when no site has one."""
+        ...
+
+    @property
+    def config_status(self) -> ConfigStatus:
+        """The sites document: last load and reload, shard (exporter/reload.py)."""
         ...
 
     @property

@@ -21,10 +21,12 @@ from .bridge import build as build_bridges
 from .brokers import BrokerView
 from .connection import Drains, SiteConnection
 from .presence import Identity
+from .reload import ConfigStatus
 from .state import Clock, ShutdownHistory, SiteState, SystemClock
 
 if TYPE_CHECKING:
-    from .config import Settings
+    from .bridge import SiteBridge
+    from .config import Settings, SiteConfig
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -33,6 +35,8 @@ R = TypeVar("R")
 #: Descriptors kept free beyond one per site and the HTTP connections: logs, the state file,
 #: the listener, DNS lookups, a presence tombstone's extra connection.
 FD_HEADROOM = 256
+#: A reload that builds many connections lets the hub run after this many.
+YIELD_EVERY = 32
 #: Descriptors the HTTP server leaves to the rest of the process beyond one per site (the
 #: descriptor budget's reserve; the HTTP cap comes out of FD_HEADROOM's remainder).
 FD_RESERVE = 64
@@ -45,6 +49,19 @@ CONNECTS_IN_FLIGHT = 64
 #: the garbage collector's generations (``gc.freeze``): a process-wide step, for the service
 #: process, not for the small services the tests build in theirs.
 FREEZE_GC_SITES = 1000
+
+
+@dataclass(frozen=True)
+class SiteChanges:
+    """What a reload did, by site name."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return (f"{len(self.added)} added, {len(self.removed)} removed, "
+                f"{len(self.changed)} changed")
 
 
 @dataclass(frozen=True)
@@ -111,36 +128,44 @@ class Service:
                  rng: random.Random | None = None, identity: Identity | None = None) -> None:
         self.settings = settings
         self.clock: Clock = clock or SystemClock()
-        #: Backoff jitter for every site (one generator: seeding one costs 11 us a site).
-        self.rng = rng or random.Random()
         #: This process in presence records: a new boot ID at every start.
         self.identity = identity or Identity.new(settings.instance_id, self.clock.time())
         # One store for every bridged site (None when no site has `bridge:`); a site without
         # `bridge:` gets bridge=None.
         self.bridge_store: BridgeStore | None
         self.bridge_store, bridges = build_bridges(settings, self.clock)
+        #: Backoff jitter for every site (one generator: seeding one costs 11 us a site).
+        self._rng = rng or random.Random()
         # One view per broker endpoint (host:port), shared by its sites: what tells a broker
         # event (several sites lose their connections at once) from a takeover.
-        views: dict[str, BrokerView] = {}
-        slots: dict[str, BoundedSemaphore] = {}  # per endpoint: CONNECTS_IN_FLIGHT
+        self._views: dict[str, BrokerView] = {}
+        #: Per endpoint, like the views: its attempts in flight (CONNECTS_IN_FLIGHT).
+        self._connect_slots: dict[str, BoundedSemaphore] = {}
         self.connections = []
         for site in settings.sites:
-            view = views.get(site.broker)
-            if view is None:
-                view = views[site.broker] = BrokerView(
-                    site.broker, settings.broker_event_window_seconds, self.clock)
-                slots[site.broker] = BoundedSemaphore(  # type: ignore[no-untyped-call]
-                    CONNECTS_IN_FLIGHT)
-            conn = SiteConnection(site, settings, self.clock, self.rng,
-                                  bridge=bridges.get(site.name), identity=self.identity,
-                                  broker=view, connect_slots=slots[site.broker])
-            view.add_site(conn.state)
-            self.connections.append(conn)
+            self.connections.append(self._connection(site, bridges.get(site.name)))
         #: The broker endpoints with at least one enabled site, in the order of the sites
         #: file (an endpoint of disabled sites only has no connection to watch).
-        self.brokers: list[BrokerView] = [v for v in views.values() if v.sites]
+        self.brokers: list[BrokerView] = [v for v in self._views.values() if v.sites]
         self.shutdown_history = ShutdownHistory.load(settings.state_dir)
+        #: The configuration's reload history (read by metrics and health).
+        self.config_status = ConfigStatus(loaded=settings.sites_loaded, at=self.clock.time(),
+                                          sites_total=settings.sites_total,
+                                          shard=settings.shard)
         self.running = False
+
+    def _connection(self, site: SiteConfig, bridge: SiteBridge | None) -> SiteConnection:
+        view = self._views.get(site.broker)
+        if view is None:
+            view = self._views[site.broker] = BrokerView(
+                site.broker, self.settings.broker_event_window_seconds, self.clock)
+            self._connect_slots[site.broker] = BoundedSemaphore(  # type: ignore[no-untyped-call]
+                CONNECTS_IN_FLIGHT)
+        conn = SiteConnection(site, self.settings, self.clock, self._rng, bridge=bridge,
+                              identity=self.identity, broker=view,
+                              connect_slots=self._connect_slots[site.broker])
+        view.add_site(conn.state)
+        return conn
 
     @property
     def instance_id(self) -> str:
@@ -161,6 +186,87 @@ class Service:
             conn.start()
         self.running = True
 
+    def apply(self, settings: Settings) -> SiteChanges:
+        """Run ``settings`` (a reload: same environment, new sites) without a restart.
+
+        Removed sites say goodbye (offline, DISCONNECT) and go; changed sites do the same and
+        then connect with their new configuration; added sites connect; untouched sites keep
+        their broker connection. Goodbyes run in parallel, bounded by the shutdown timeout.
+        """
+        new_sites = {site.name: site for site in settings.sites}
+        old = {conn.site.name: conn for conn in self.connections}
+        changes = SiteChanges(
+            added=tuple(n for n in new_sites if n not in old),
+            removed=tuple(n for n in old if n not in new_sites),
+            changed=tuple(n for n, c in old.items() if n in new_sites and new_sites[n] != c.site),
+        )
+        self.settings = settings
+        leaving = [old[name] for name in changes.removed + changes.changed]
+        for conn in leaving:
+            conn.stop()
+        # Drop them from what metrics and health read at once; then say goodbye.
+        gone = {id(conn) for conn in leaving}
+        self.connections = [c for c in self.connections if id(c) not in gone]
+        by_view: dict[int, tuple[BrokerView, list[SiteState]]] = {}
+        for conn in leaving:
+            if conn.broker is not None:
+                by_view.setdefault(id(conn.broker), (conn.broker, []))[1].append(conn.state)
+        for view, states in by_view.values():
+            view.remove_sites(states)
+        if self.bridge_store is not None:
+            self.bridge_store.drop_sites(conn.site.name for conn in leaving)
+        if leaving:
+            self._retire(leaving)
+        staying = {c.site.name: c for c in self.connections}
+        if self.running:
+            raise_fd_limit(len(settings.sites), settings.http_max_connections)
+        connections: list[SiteConnection] = []
+        built = 0
+        for site in settings.sites:
+            kept = staying.get(site.name)
+            if kept is None:
+                kept = self._connection(site, self._bridge_for(site))
+                if self.running:
+                    kept.start()
+                built += 1
+                if built % YIELD_EVERY == 0:
+                    # Not sleep(0): that runs ready greenlets only, not timers and I/O.
+                    gevent.sleep(0.001)  # type: ignore[no-untyped-call]
+            connections.append(kept)
+        self.connections = connections
+        self.brokers = [v for v in self._views.values() if v.sites]
+        return changes
+
+    def _bridge_for(self, site: SiteConfig) -> SiteBridge | None:
+        if site.bridge is None:
+            return None
+        if self.bridge_store is None:
+            self.bridge_store = BridgeStore(self.clock, self.settings.bridge_max_series)
+        return self.bridge_store.site(site.name, site.bridge, site.status_topic)
+
+    def _retire(self, leaving: list[SiteConnection]) -> None:
+        """Goodbye (tombstone, offline, DISCONNECT) on every connection in ``leaving``, all
+        at once, until the broker closes each or the shutdown timeout passes."""
+        self._goodbye(leaving, self.clock.monotonic() + self.settings.shutdown_timeout)
+
+    def _goodbye(self, leaving: list[SiteConnection], deadline: float) -> tuple[int, int]:
+        """The farewell of every stopped connection in ``leaving`` at once, then wait until
+        the broker closed each or ``deadline`` (monotonic). Returns (connections said goodbye
+        to, those closed without the broker's confirmation)."""
+        drains = Drains([s for s in (c.send_farewell() for c in leaving) if s is not None])
+        # Sites an identified duplicate holds: our tombstone must reach it another way.
+        tombstones = [gevent.spawn(c.send_tombstone_elsewhere,  # type: ignore[no-untyped-call]
+                                   deadline)
+                      for c in leaving if c.needs_tombstone_elsewhere()]
+        drains.wait(max(0.0, deadline - self.clock.monotonic()))
+        gevent.joinall(tombstones,  # type: ignore[no-untyped-call]
+                       timeout=max(0.0, deadline - self.clock.monotonic()))
+        pending = [t for t in tombstones if not t.dead]
+        # In-process their sockets close now; the CLI exits right after anyway.
+        abandoned = drains.abandon() + len(pending)
+        gevent.killall(pending, block=False)  # type: ignore[no-untyped-call]
+        return drains.total + len(tombstones), abandoned
+
     def shutdown(self, started_at: float | None = None) -> ShutdownResult:
         """Close every connection at once, bounded by ``settings.shutdown_timeout``.
 
@@ -178,20 +284,7 @@ class Service:
         try:
             for conn in self.connections:
                 conn.stop()
-            drains = Drains([s for s in (c.send_farewell() for c in self.connections)
-                             if s is not None])
-            # Sites an identified duplicate holds: our tombstone must reach it another way.
-            tombstones = [gevent.spawn(c.send_tombstone_elsewhere,  # type: ignore[no-untyped-call]
-                                       deadline)
-                          for c in self.connections if c.needs_tombstone_elsewhere()]
-            total = drains.total + len(tombstones)
-            drains.wait(max(0.0, deadline - clock.monotonic()))
-            gevent.joinall(tombstones,  # type: ignore[no-untyped-call]
-                           timeout=max(0.0, deadline - clock.monotonic()))
-            pending = [t for t in tombstones if not t.dead]
-            # In-process their sockets close now; the CLI exits right after anyway.
-            abandoned = drains.abandon() + len(pending)
-            gevent.killall(pending, block=False)  # type: ignore[no-untyped-call]
+            total, abandoned = self._goodbye(self.connections, deadline)
         finally:
             if gc_was_enabled:
                 gc.enable()

@@ -115,3 +115,23 @@ def test_cardinality_attack_with_nested_keys_on_one_topic_is_bounded():
     assert current < 5 * 2**20, f"{current / 2**20:.1f} MiB still held"
 
 
+
+
+def test_drop_sites_forgets_their_series_and_counters_and_keeps_the_others():
+    """A reload that removes (or changes) bridged sites: their series go in one pass, the
+    other site's stay, and a changed site can be bridged again under its name."""
+    _, store, s1 = make(site="s1")
+    s2 = store.site("s2", BridgeConfig(), "s2/backend/status")
+    s1.ingest("s1/sensors/a", ZIGBEE)
+    s2.ingest("s2/sensors/a", ZIGBEE)
+    before = store.total
+    assert store.drop_sites(["s1", "unknown"]) == before // 2
+    assert store.total == before // 2 and set(store.sites) == {"s2"}
+    assert [b.name for b in store.bridges] == ["s2"]
+    assert value(store, "mqtt_temperature", site="s2", topic="s2/sensors/a") == 21.5
+    assert value(store, "mqtt_temperature", site="s1", topic="s1/sensors/a") is None
+    assert value(store, "mqtt_bridge_payload_errors_total", site="s1", reason="decode") is None
+    again = store.site("s1", BridgeConfig(), "s1/backend/status")
+    again.ingest("s1/sensors/a", ZIGBEE)
+    assert value(store, "mqtt_temperature", site="s1", topic="s1/sensors/a") == 21.5
+    assert store.drop_sites([]) == 0

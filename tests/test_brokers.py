@@ -166,3 +166,11 @@ def test_calls_stay_cheap_at_10000_sites():
     took = time.perf_counter() - t0
     assert v.connection_losses == 5
     assert took < 2.0, f"100 000 calls took {took:.2f}s"
+
+
+def test_remove_sites_after_a_reload():
+    a, b, off = site_state("a"), site_state("b"), site_state("off", enabled=False)
+    view = BrokerView("127.0.0.1:1883", 1.0, FakeClock(), states=[a, b, off])
+    assert view.sites == 2
+    view.remove_sites([a, off])
+    assert view.states == [b] and view.sites == 1 and view.connected == 1

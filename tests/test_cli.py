@@ -402,8 +402,8 @@ def test_run_takes_the_flags(broker, exporter_factory):
     exp.port = port  # the factory's EXPORTER_LISTEN port stays unused
     exp.wait_ready(15)
     wait_until(lambda: exp.health()[1].get("status") == "healthy", 15, message=exp.log_tail())
-    exp.signal(signal.SIGHUP)  # a WARNING record
-    exp.wait_log(r"SIGHUP received", 10)
+    exp.signal(signal.SIGUSR2)  # a WARNING record
+    exp.wait_log(r"SIGUSR2 received", 10)
     records = [json.loads(line) for line in exp.log_text().splitlines() if line.strip()]
     assert records and all(r["level"] in ("WARNING", "ERROR") for r in records), records
 

@@ -53,6 +53,7 @@ def test_defaults(tmp_path):
         sites_file=str(tmp_path / "sites.yml"),
         instance_id=socket.gethostname(),
         sites=(SiteConfig(name="good", host="broker.example.org", port=1883, topics=("good/#",)),),
+        sites_total=1,
     )
 
 
@@ -70,7 +71,7 @@ def test_env_values_are_parsed(tmp_path):
         lwt_enabled=False, keepalive=30, shutdown_timeout=2.5, cooldown_seconds=0.0,
         state_dir="/var/lib/x", listen_host="::1", listen_port=9100, log_level="DEBUG",
         log_format="json", backoff_min_seconds=2.0, backoff_max_seconds=2.0, stable_seconds=20.0,
-        connect_timeout=3.0, sites=settings.sites,
+        connect_timeout=3.0, sites=settings.sites, sites_total=1,
     )
     assert settings.sites[0].keepalive == 30
 
@@ -103,7 +104,8 @@ def test_injected_environ_ignores_dotenv_and_process_env(tmp_path, monkeypatch):
 
 def test_every_setting_comes_from_one_declared_variable():
     settings_fields = {f.name for f in dataclasses.fields(Settings)} - {
-        "sites", "listen_host", "listen_port", "web_config"}  # web_config: read from web_config_file
+        "sites", "listen_host", "listen_port", "web_config",  # web_config: read from web_config_file
+        "sites_total", "sites_loaded", "source", "lookup"}  # what the sites source gave
     declared = [var.setting for var in ENV_VARS]
     assert len(declared) == len(set(declared))
     assert set(declared) == settings_fields | {"listen"}
@@ -119,10 +121,12 @@ def test_declared_defaults_are_the_settings_defaults(tmp_path):
         elif var.setting == "sites_file":  # resolved against cwd
             assert settings.sites_file == str(tmp_path / var.default)
         else:
-            assert getattr(settings, var.setting) == var.default_value(), var.name
+            default = var.default_value()
+            expected = var.parse(default) if var.parser is not None else default
+            assert getattr(settings, var.setting) == expected, var.name
     defaults = Settings(sites_file="x", instance_id="x")
     for f in dataclasses.fields(Settings):
-        if f.name not in ("sites_file", "instance_id", "sites"):
+        if f.name not in ("sites_file", "instance_id", "sites", "sites_total", "source", "lookup"):
             assert getattr(settings, f.name) == getattr(defaults, f.name), f.name
 
 

@@ -110,17 +110,21 @@ def test_a_duplicate_makes_the_status_at_least_degraded_and_shows_in_verbose():
 
 
 def test_service_health_reads_the_service_view():
-    """/health's view of a service: running, instance_id, site_states and the clock, nothing
-    else (exporter.state.ServiceView)."""
+    """/health's view of a service: running, instance_id, site_states, config_status and the
+    clock, nothing else (exporter.state.ServiceView)."""
     from types import SimpleNamespace
 
     from exporter.health import service_health
+    from exporter.reload import ConfigStatus
     from tests.support.fakes import FakeClock
 
     clock = FakeClock(mono=1000.0)
     states = [st("a"), st("b", "cooldown", cooldown_until_monotonic=1010.0)]
-    service = SimpleNamespace(running=True, instance_id="inst", site_states=states, clock=clock)
-    assert service_health(service) == health_report(True, "inst", states, 1000.0)
+    config = ConfigStatus(loaded=True, at=5.0)
+    service = SimpleNamespace(running=True, instance_id="inst", site_states=states, clock=clock,
+                              config_status=config)
+    assert service_health(service) == health_report(True, "inst", states, 1000.0,
+                                                     config=config)
     code, body = service_health(service, verbose=True)
     assert code == 200 and body["status"] == DEGRADED
     assert body["sites"][1]["cooldown_remaining_s"] == 10.0

@@ -51,3 +51,15 @@ def test_acl_refused_subscription_degrades_health(tmp_path, broker_factory, expo
     assert len(a["problems"]) == 1 and "1 subscription(s) refused by the broker" in a["problems"][0]
     assert b["connected"] is True and b["problems"] == [] and b["subscriptions_refused"] == 0
     assert exp.metric("mqtt_site_subscriptions_refused_total", site="site_a") == 1
+
+
+@pytest.mark.timeout(30)
+def test_liveness_stays_200_while_no_broker_answers(exporter_factory):
+    """/-/healthy is for a liveness probe: 200 whenever the process serves HTTP, even when
+    /health is 503 because no broker answers (restarting the exporter would not help)."""
+    from tests.support import free_port
+    proc = exporter_factory([{"name": "nowhere", "host": "127.0.0.1", "port": free_port()}])
+    proc.wait_ready(15)
+    assert proc.health()[0] == 503
+    status, _, body = proc.http_get("/-/healthy")
+    assert (status, body) == (200, b"OK\n"), (status, body)

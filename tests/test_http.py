@@ -49,6 +49,13 @@ EXPECTED_TYPES = {
     "mqtt_exporter_shutdown_duration_seconds": "histogram",
     "mqtt_exporter_last_shutdown_timed_out": "gauge",
     "mqtt_exporter_build_info": "gauge",
+    "mqtt_exporter_config_last_reload_successful": "gauge",
+    "mqtt_exporter_config_last_reload_success_timestamp_seconds": "gauge",
+    "mqtt_exporter_config_reloads_total": "counter",
+    "mqtt_exporter_config_reload_failures_total": "counter",
+    "mqtt_exporter_config_sites": "gauge",
+    "mqtt_exporter_shard": "gauge",
+    "mqtt_exporter_shards": "gauge",
 }
 
 
@@ -520,6 +527,7 @@ class View:
     """A small ServiceView in-process: site states in every state, no bridge."""
 
     def __init__(self, tmp_path, names=("a",)):
+        from exporter.reload import ConfigStatus
         from exporter.state import ShutdownHistory, SystemClock
         from tests.support.fakes import site_state
         self.site_states = [site_state(n, state=SITE_STATES[i % len(SITE_STATES)])
@@ -530,6 +538,7 @@ class View:
         self.instance_id = 'in"st\\'
         self.running = True
         self.clock = SystemClock()
+        self.config_status = ConfigStatus(loaded=True, at=0.0)
 
 
 def test_openmetrics_is_what_prometheus_client_writes_for_the_same_families(tmp_path):

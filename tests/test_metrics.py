@@ -29,6 +29,7 @@ from exporter.metrics import (
     reference_markdown,
     render_service_text,
 )
+from exporter.reload import ConfigStatus
 from exporter.state import (
     COOLDOWN,
     DISCONNECT_REASONS,
@@ -58,6 +59,7 @@ class FakeService:
         self.running = True
         self.bridge_store = None
         self.brokers = brokers_of(states)
+        self.config_status = ConfigStatus(loaded=True, at=0.0)
 
 
 def brokers_of(states, window=1.0):
@@ -175,7 +177,8 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
     brokers = brokers_of(states)
     brokers[1].connection_losses = 3
     service = SimpleNamespace(clock=clock, site_states=states, shutdown_history=history,
-                              instance_id='bfg "back"', brokers=brokers)
+                              instance_id='bfg "back"', brokers=brokers,
+                              config_status=ConfigStatus(loaded=True, at=0.0))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(service))
     text = render_service_text(service)
@@ -228,8 +231,9 @@ def test_family_table_follows_the_conventions():
         "mqtt_site_cooldown_active", "mqtt_site_cooldown_remaining_seconds",
         "mqtt_site_cooldowns_total", "mqtt_site_messages_received_total",
         "mqtt_site_last_message_timestamp_seconds", "mqtt_site_connect_duration_seconds"]
-    assert names[-3:] == ["mqtt_exporter_shutdown_duration_seconds",
-                          "mqtt_exporter_last_shutdown_timed_out", "mqtt_exporter_build_info"]
+    process = names[names.index("mqtt_exporter_shutdown_duration_seconds"):]
+    assert process[:3] == ["mqtt_exporter_shutdown_duration_seconds",
+                           "mqtt_exporter_last_shutdown_timed_out", "mqtt_exporter_build_info"]
     assert set(NEW_FAMILIES) <= set(names)
     assert {f.name: f.type for f in FAMILIES if isinstance(f, BrokerFamily)} == BROKER_FAMILIES
     # Per site, then per broker, then the process.

@@ -1,6 +1,6 @@
 """Signals an operator sends, to the exporter as a real subprocess (issue #9, "Signals").
 
-SIGHUP (reload: not available yet, logged, the process keeps running), SIGUSR1 (every site's
+SIGHUP (reload the sites; here with nothing changed), SIGUSR1 (every site's
 state and every greenlet's stack in the log, keeps running), SIGUSR2 (logged, ignored) and
 SIGQUIT (a clean shutdown like SIGTERM: `offline` published, shutdown recorded, exit 0).
 Before #9 each of them killed the process by its default action, with no log line and no
@@ -68,17 +68,19 @@ def assert_untouched(proc, broker) -> None:
         assert broker.connects(cid(n)) == 1 and broker.disconnects(cid(n)) == 0, broker.log_text()
 
 
-def test_sighup_logs_that_reload_is_unavailable_and_keeps_running(broker, exporter_factory):
+def test_sighup_with_an_unchanged_file_reloads_nothing_and_keeps_running(
+        broker, exporter_factory):
+    """SIGHUP reloads the sites (tests/test_reload_e2e.py has the changes); with the same
+    file nothing moves. Neither it nor SIGUSR2 kills the process."""
     proc = start_connected(broker, exporter_factory)
     proc.signal(signal.SIGHUP)
-    proc.wait_log(r"SIGHUP received: configuration reload is not available", 10)
-    # A second one and an SIGUSR2 too: neither kills it.
+    proc.wait_log(r"Sites reloaded from .*: no change", 10)
     proc.signal(signal.SIGHUP)
     proc.signal(signal.SIGUSR2)
     proc.wait_log(r"SIGUSR2 received: not used by this exporter; ignored", 10)
-    wait_until(lambda: proc.log_text().count("SIGHUP received") == 2, 10,
-               message=proc.log_tail())
+    wait_until(lambda: proc.log_text().count(": no change") == 2, 10, message=proc.log_tail())
     assert_untouched(proc, broker)
+    assert proc.metrics()[("mqtt_exporter_config_reloads_total", frozenset())] == 2
     assert "shutting down" not in proc.log_text()
 
 

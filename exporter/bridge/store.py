@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.metrics_core import Metric
@@ -113,6 +113,27 @@ class BridgeStore:
         self.bridges.append(bridge)
         self.min_expire = min(self.min_expire, config.expire_after)
         return bridge
+
+    def drop_sites(self, names: Iterable[str]) -> int:
+        """Forget sites (removed or changed by a reload): their series, counters and bridges.
+        Returns how many series went. One pass over all series, however many sites go."""
+        gone = {id(stats) for name in names if (stats := self.sites.pop(name, None)) is not None}
+        if not gone:
+            return 0
+        self.bridges = [b for b in self.bridges if b.name in self.sites]
+        self.min_expire = min((b.expire_after for b in self.bridges), default=math.inf)
+        removed = 0
+        for fam in list(self.families.values()):
+            for key, s in list(fam.series.items()):
+                if id(s.stats) in gone:
+                    del fam.series[key]
+                    if s.owner.get(s.key) is s:
+                        del s.owner[s.key]
+                    removed += 1
+            if not fam.series:
+                del self.families[fam.name]
+        self.total -= removed
+        return removed
 
     # -- series life cycle (slow paths) --------------------------------------------------
     def add(self, stats: SiteStats, limit: int, name: str, kind: str, help_text: str,

@@ -14,14 +14,17 @@ Modules: ``checks`` (the declarative field helper), ``environment``, ``sites``, 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from .bridge import BridgeConfig, BridgeMapping
-from .checks import ConfigError
+from .checks import ConfigError, Problems
 from .environment import process_environment, read_environment, source, state_dir_problem
-from .sites import PROTOCOLS, SITE_NAME_RE, Secret, SiteConfig, load_sites
+from .shard import Shard, ordinal_problem, select
+from .sites import PROTOCOLS, SITE_NAME_RE, Lookup, Secret, SiteConfig, parse_sites_text
+from .sources import SitesSource, SourceError, make_source, url_problem
 
 if TYPE_CHECKING:
     from ..webconfig import WebConfig
@@ -57,16 +60,37 @@ class Settings:
     web_config: WebConfig | None = None  #: None: plain HTTP, no auth
     http_max_connections: int = 64
     http_timeout_seconds: float = 10.0
+    sites_url: str = ""
+    sites_url_token_file: str = ""
+    sites_reload_seconds: float = 30.0
+    #: This replica's shard (MQTT_SHARD, or MQTT_SHARDS and the host name); None: all sites.
+    shard: Shard | None = None
+    shards: int = 0
+    #: Sites in the document, all shards (``sites`` holds this shard's).
+    sites_total: int = 0
+    #: False until a sites document was read (MQTT_SITES_URL not fetched yet).
+    sites_loaded: bool = True
+    #: Where the sites document is read from, again at every reload.
+    source: SitesSource | None = field(default=None, compare=False, repr=False)
+    #: Looks up the variables sites name (password_env), again at every reload.
+    lookup: Lookup | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def sites_origin(self) -> str:
+        """The sites file or URL (without credentials), as messages name it."""
+        return self.source.origin if self.source is not None else self.sites_file
 
 
 def load_settings(environ: Mapping[str, str] | None = None, cwd: str | None = None,
-                  overrides: Mapping[str, str] | None = None) -> Settings:
+                  overrides: Mapping[str, str] | None = None, fetch: bool = True) -> Settings:
     """Read and validate everything; raise ConfigError listing every problem.
 
     environ None means os.environ plus `<cwd>/.env` (the process environment wins);
     a given mapping is used as-is. ``overrides`` (command-line flag values by variable name)
     take precedence over both. A relative MQTT_SITES_FILE is resolved against cwd;
     MQTT_STATE_DIR must be a writable directory or creatable in one (nothing is created here).
+    ``fetch`` False leaves MQTT_SITES_URL unread (``sites_loaded`` False): ``run`` fetches it
+    itself and, unlike ``check-config``, starts even when the endpoint is down.
     """
     cwd = os.getcwd() if cwd is None else cwd
     errors: list[str] = []
@@ -82,10 +106,20 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: str | None = No
         if problem is not None:
             errors.append(f"{source('MQTT_STATE_DIR', flagged)}: {problem}")
 
+    shard = values["shard"] = _shard(values, lookup, errors, flagged)
+    if values["sites_url"] and (problem := url_problem(values["sites_url"])):
+        errors.append(f"{source('MQTT_SITES_URL', flagged)}: {problem}")
+        values["sites_url"] = None
     sites: tuple[SiteConfig, ...] = ()
-    if values["sites_file"] is not None:
+    sites_total, loaded, sites_source = 0, False, None
+    if values["sites_file"] is not None and values["sites_url"] is not None:
         values["sites_file"] = os.path.join(cwd, values["sites_file"])
-        sites = load_sites(values["sites_file"], lookup, values["keepalive"] or 60, errors)
+        sites_source = make_source(values["sites_file"], values["sites_url"],
+                                   values["sites_url_token_file"] or "")
+        if fetch or not values["sites_url"]:
+            all_sites, loaded = _read_sites(sites_source, lookup, values["keepalive"] or 60,
+                                            errors)
+            sites, sites_total = select(all_sites, shard), len(all_sites)
     web_config = None
     if values["web_config_file"]:
         from ..webconfig import read_web_config  # imports this package: not at the top
@@ -95,7 +129,47 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: str | None = No
         raise ConfigError(errors)
     listen_host, listen_port = values.pop("listen")
     return Settings(**values, listen_host=listen_host, listen_port=listen_port, sites=sites,
-                    web_config=web_config)
+                    web_config=web_config, sites_total=sites_total,
+                    sites_loaded=loaded, source=sites_source, lookup=lookup)
+
+
+def _shard(values: dict[str, object], lookup: Lookup, errors: list[str],
+           flagged: Mapping[str, str]) -> Shard | None:
+    """MQTT_SHARD, or MQTT_SHARDS with the ordinal from the host name."""
+    shard, count = values["shard"], values["shards"]
+    if isinstance(shard, Shard) and count:
+        errors.append(f"{source('MQTT_SHARDS', flagged)}: set MQTT_SHARD or MQTT_SHARDS, "
+                      "not both")
+        return None
+    if isinstance(count, int) and count > 0:
+        hostname = lookup("HOSTNAME") or socket.gethostname()
+        shard, problem = ordinal_problem(hostname, count)
+        if problem is not None:
+            errors.append(f"{source('MQTT_SHARDS', flagged)}: {problem}")
+    return shard if isinstance(shard, Shard) else None
+
+
+def _read_sites(sites_source: SitesSource, lookup: Lookup, keepalive: int,
+                errors: list[str]) -> tuple[tuple[SiteConfig, ...], bool]:
+    """(every valid site of the document, whether it could be read); problems to errors."""
+    try:
+        text = sites_source.read(force=True)
+    except SourceError as exc:
+        Problems(errors, sites_source.origin).at(str(exc))
+        return (), False
+    return parse_sites_text(text or "", sites_source.origin, lookup, keepalive, errors), True
+
+
+def reload_sites(settings: Settings, text: str) -> Settings:
+    """``settings`` with the sites of a new document (``text``, read from ``settings.source``);
+    raises ConfigError listing every problem, exactly as at start."""
+    errors: list[str] = []
+    lookup = settings.lookup or (lambda name: os.environ.get(name))
+    all_sites = parse_sites_text(text, settings.sites_origin, lookup, settings.keepalive, errors)
+    if errors:
+        raise ConfigError(errors)
+    return replace(settings, sites=select(all_sites, settings.shard), sites_total=len(all_sites),
+                   sites_loaded=True)
 
 
 def summarize_site(site: SiteConfig, instance_id: str) -> str:
@@ -125,5 +199,6 @@ def summarize_site(site: SiteConfig, instance_id: str) -> str:
 
 __all__ = [
     "PROTOCOLS", "SITE_NAME_RE", "BridgeConfig", "BridgeMapping", "ConfigError", "Secret",
-    "Settings", "SiteConfig", "load_settings", "summarize_site",
+    "Settings", "Shard", "SiteConfig", "SourceError", "load_settings", "reload_sites",
+    "summarize_site",
 ]

@@ -20,6 +20,7 @@ from typing import Any
 import marshmallow as ma
 from environs import Env
 
+from .shard import MAX_SHARDS, parse_shard
 from .sites import Lookup, instance_id_problem, is_ipv6
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -119,6 +120,29 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("MQTT_SITES_FILE", "sites_file", "string", "sites.yml",
            "Path of the sites file (relative: to the working directory).", non_empty=True,
            flag="--sites.file"),
+    EnvVar("MQTT_SITES_URL", "sites_url", "string", "",
+           "HTTP(S) URL that serves the sites document (the same schema as the sites file, "
+           "JSON or YAML); when set it replaces MQTT_SITES_FILE. Polled every "
+           "MQTT_SITES_RELOAD_SECONDS with conditional requests (ETag, Last-Modified); on a "
+           "failure the last good set of sites stays.", default_doc="empty (use the file)",
+           flag="--sites.url"),
+    EnvVar("MQTT_SITES_URL_TOKEN_FILE", "sites_url_token_file", "string", "",
+           "File whose content is sent to MQTT_SITES_URL as `Authorization: Bearer <token>` "
+           "(read at every request, so a rotated token is picked up).",
+           default_doc="empty (no Authorization header)"),
+    EnvVar("MQTT_SITES_RELOAD_SECONDS", "sites_reload_seconds", "number", 30.0,
+           "How often the sites file is checked for a change (modification time, size, inode) "
+           "or MQTT_SITES_URL is polled; a change is applied without a restart (SIGHUP reloads "
+           "at once). 0: only on SIGHUP.", minimum=0),
+    EnvVar("MQTT_SHARD", "shard", "string", "",
+           "This replica's shard as i/N (0 <= i < N): it holds only the sites that rendezvous "
+           "hashing of their names assigns to shard i of N.", parser=parse_shard,
+           default_doc="empty (all sites)"),
+    EnvVar("MQTT_SHARDS", "shards", "integer", 0,
+           "Number of shards, with this replica's shard i taken from its host name "
+           "`<name>-<i>` (a StatefulSet pod); set it equal to the StatefulSet's replicas. "
+           "Not together with MQTT_SHARD.", minimum=0, maximum=MAX_SHARDS,
+           default_doc="`0` (off)"),
     EnvVar("MQTT_INSTANCE_ID", "instance_id", "string", socket.gethostname,
            "This instance's ID: client IDs are <site>_i<ID>. Must differ between instances "
            "that share a broker. At most 128 bytes; no whitespace or control characters.",
