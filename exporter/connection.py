@@ -206,6 +206,23 @@ class ConnectSlots(Protocol):
     def release(self) -> object: ...
 
 
+class _SlotClaim:
+    """One site's claim on its endpoint's connect slots: the shared semaphore, and whether
+    the site holds one of them now (a separate object: see the attribute count note in
+    :class:`SiteConnection`)."""
+
+    __slots__ = ("slots", "held")
+
+    def __init__(self, slots: ConnectSlots) -> None:
+        self.slots = slots
+        self.held = False
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.slots.release()
+
+
 class Clock(Protocol):
     """What a connection needs of :class:`exporter.state.SystemClock`."""
 
@@ -239,11 +256,13 @@ class SiteConnection:
         #: Presence records need our identity; without one (or MQTT_PRESENCE_ENABLED=false)
         #: only unknown-peer episodes are tracked, from takeover evidence.
         self.presence = identity is not None and settings.presence_enabled
-        self.identity = identity or Identity.new(settings.instance_id, clock.time())
-        self.tracker = DuplicateTracker(self.identity, self.client_id, self.state, clock,
+        # Not kept as an attribute: with at most 29 of them, instances share their dict's
+        # keys (CPython 3.11: 300 bytes a site instead of 1.6 KB; mind it when adding one).
+        identity = identity or Identity.new(settings.instance_id, clock.time())
+        self.tracker = DuplicateTracker(identity, self.client_id, self.state, clock,
                                         self.log,
                                         echo_interval=settings.presence_interval_seconds)
-        self._record = RecordTemplate(self.identity, self.client_id)
+        self._record = RecordTemplate(identity, self.client_id)
         self._presence_topic = site.presence_topic
         self._presence_mid: int | None = None
         #: Our current takeover cooldown, as our record announces it.
@@ -271,9 +290,8 @@ class SiteConnection:
         self._attempt_error: str | None = None
         #: The last error logged: the same one again is logged at DEBUG only.
         self._logged_error: str | None = None
-        #: Shared by the sites of the endpoint: attempts waiting for CONNACK at once.
-        self._connect_slots = connect_slots
-        self._holds_slot = False
+        #: Our claim on the endpoint's connect slots (shared by its sites), if it has any.
+        self._slot = _SlotClaim(connect_slots) if connect_slots is not None else None
 
     def start(self) -> None:
         """Spawn the connection's greenlet (enabled sites only)."""
@@ -417,17 +435,16 @@ class SiteConnection:
 
     def _take_slot(self) -> bool:
         """Wait for a connect slot of the endpoint; False when stopped meanwhile."""
-        slots = self._connect_slots
-        while slots is not None and not self._holds_slot:
+        claim = self._slot
+        while claim is not None and not claim.held:
             if self._stopping:
                 return False
-            self._holds_slot = bool(slots.acquire(timeout=MAX_IDLE_WAIT))
+            claim.held = bool(claim.slots.acquire(timeout=MAX_IDLE_WAIT))
         return not self._stopping
 
     def _release_slot(self) -> None:
-        if self._holds_slot and self._connect_slots is not None:
-            self._holds_slot = False
-            self._connect_slots.release()
+        if self._slot is not None:
+            self._slot.release()
 
     def _attempt(self) -> ConnectionEnd:
         """Connect, then serve the connection until it ends. Returns how it ended.
