@@ -354,3 +354,34 @@ def test_source_errors_never_show_the_password_token_or_query(server, tmp_path):
             assert secret not in origin, (case, origin)
     assert [m for _, m, _ in messages][:2] == ["cannot fetch: Connection refused", "HTTP 500 "
                                                 "Internal Server Error"]
+
+
+GEVENT_READ = """
+from gevent import monkey; monkey.patch_all()
+import sys, time, gevent
+from exporter.config.sources import SourceError, UrlSource
+ticks = []
+ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.05)) for _ in range(100)])
+started = time.monotonic()
+try:
+    UrlSource(sys.argv[1], timeout=0.5).read()
+except SourceError as exc:
+    print(f"{exc}|{time.monotonic() - started:.2f}|{len(ticks)}")
+"""
+
+
+@pytest.mark.parametrize("misbehaviour", ["stall", "dribble"])
+def test_the_deadline_holds_under_gevent_without_blocking_the_hub(server, misbehaviour):
+    """The exporter runs the read in a greenlet, gevent-patched: the watchdog's timer is then
+    a greenlet too, and the hub keeps serving the others meanwhile."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO_ROOT
+    server.stall, server.dribble = misbehaviour == "stall", 0.05
+    out = subprocess.run([sys.executable, "-c", GEVENT_READ, server.url], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=20)
+    message, elapsed, ticks = out.stdout.strip().split("|")
+    assert message == "no complete answer within 0.5 s", out.stderr
+    assert 0.4 < float(elapsed) < 2.0
+    assert int(ticks) >= 5  # other greenlets ran during the read
