@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import IO, Protocol
 
 from .. import __version__
@@ -110,6 +111,8 @@ class UrlSource:
         self._etag: str | None = None
         self._last_modified: str | None = None
         self._digest: bytes | None = None
+        self._watchdog = _Watchdog(timeout)
+        self._opener = _opener(lambda: self._watchdog)
 
     @property
     def origin(self) -> str:
@@ -159,10 +162,10 @@ class UrlSource:
         request = self._request(force)
         conditional = request.has_header("If-none-match") or \
             request.has_header("If-modified-since")
-        watchdog = _Watchdog(self.timeout)
+        watchdog = self._watchdog = _Watchdog(self.timeout)
         late = f"no complete answer within {self.timeout:g} s"
         try:
-            with watchdog, _opener(watchdog).open(request, timeout=self.timeout) as response:
+            with watchdog, self._opener.open(request, timeout=self.timeout) as response:
                 chunks, size = [], 0
                 while size <= SITES_FILE_MAX_BYTES:
                     chunk = response.read1(min(1 << 16, SITES_FILE_MAX_BYTES + 1 - size))
@@ -245,20 +248,21 @@ class _Watchdog:
                 pass
 
 
-def _opener(watchdog: _Watchdog) -> urllib.request.OpenerDirector:
-    """urllib with the watchdog on every connection and credentials kept to the URL's origin."""
+def _opener(watchdog: Callable[[], _Watchdog]) -> urllib.request.OpenerDirector:
+    """urllib with the current read's watchdog on every connection and credentials kept to
+    the URL's origin."""
 
     class Watched(http.client.HTTPConnection):
         def connect(self) -> None:
-            self.timeout = watchdog.remaining()
+            self.timeout = watchdog().remaining()
             super().connect()
-            watchdog.watch(self.sock)
+            watchdog().watch(self.sock)
 
     class WatchedTLS(http.client.HTTPSConnection):
         def connect(self) -> None:
-            self.timeout = watchdog.remaining()
+            self.timeout = watchdog().remaining()
             super().connect()
-            watchdog.watch(self.sock)
+            watchdog().watch(self.sock)
 
     class Plain(urllib.request.HTTPHandler):
         def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
