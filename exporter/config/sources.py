@@ -184,10 +184,10 @@ class UrlSource:
                 return None
             raise SourceError(f"HTTP {exc.code} {_shown(exc.reason)}") from None
         except urllib.error.URLError as exc:
-            raise SourceError(late if watchdog.expired
+            raise SourceError(late if watchdog.over()
                               else f"cannot fetch: {_reason(exc.reason)}") from None
         except Exception as exc:  # socket, TLS, HTTP protocol, or what a shut socket raised
-            raise SourceError(late if watchdog.expired
+            raise SourceError(late if watchdog.over()
                               else f"cannot fetch: {_reason(exc)}") from None
         if watchdog.expired:
             raise SourceError(late)
@@ -230,6 +230,10 @@ class _Watchdog:
 
     def __exit__(self, *exc_info: object) -> None:
         self._timer.cancel()
+
+    def over(self) -> bool:
+        """The deadline passed (the watchdog fired, or a socket timeout got there first)."""
+        return self.expired or time.monotonic() >= self.deadline - 0.01
 
     def remaining(self) -> float:
         return max(0.001, self.deadline - time.monotonic())
