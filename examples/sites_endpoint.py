@@ -93,9 +93,10 @@ def make_handler(database: str, token: str | None) -> type[BaseHTTPRequestHandle
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            # One line per request on stderr, without the Authorization header.
-            sys.stderr.write(f"{self.address_string()} {format % args}\n")
+        def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+            # One line per request on stderr: no query string, no Authorization header.
+            path = self.path.split("?", 1)[0]
+            sys.stderr.write(f"{self.address_string()} {self.command} {path} {code}\n")
 
     return Handler
 
