@@ -95,7 +95,7 @@ def test_endpoint_down_or_bad_document_keeps_the_last_good_sites(
     status, body = proc.health(verbose=True)
     assert status == 200 and body["status"] == "healthy", body
     [error] = body["config"]["errors"]
-    assert error.startswith(f"{endpoint.url}: cannot fetch: Connection refused"), error
+    assert error.startswith(f"{endpoint.url}: cannot fetch: "), error  # refused, or reset
     assert metric(proc, "mqtt_exporter_config_reload_failures_total") >= 1
 
     endpoint.start()  # same document: the next read is a whole one, and the status recovers
