@@ -49,6 +49,19 @@ class SiteChanges:
         return (f"{len(self.added)} added, {len(self.removed)} removed, "
                 f"{len(self.changed)} changed")
 
+    def names(self, limit: int = 20) -> str:
+        """The sites by kind for a log line, at most ``limit`` names in all: ``" (added: a, b;
+        removed: c ...)"``; empty when nothing changed."""
+        parts, left = [], limit
+        for kind, names in (("added", self.added), ("removed", self.removed),
+                            ("changed", self.changed)):
+            if names:
+                shown = ", ".join(names[:max(left, 0)])
+                more = f" and {len(names) - max(left, 0)} more" if len(names) > left else ""
+                parts.append(f"{kind}: {shown}{more}" if shown else f"{kind}: {len(names)} sites")
+                left -= len(names)
+        return f" ({'; '.join(parts)})" if parts else ""
+
 
 @dataclass(frozen=True)
 class ShutdownResult:
