@@ -36,7 +36,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry
 
 from .health import service_health
-from .metrics import make_metrics_app
+from .metrics import make_metrics_app, served_families
 from .state import ServiceView
 
 if TYPE_CHECKING:
@@ -90,14 +90,20 @@ def _verbose(query_string: str) -> bool:
 
 
 def make_app(service: ServiceView, registry: CollectorRegistry, *,
-             authorize: Callable[[dict[str, Any]], bool] | None = None) -> WSGIApplication:
+             authorize: Callable[[dict[str, Any]], bool] | None = None,
+             site_connect_histogram: bool = False) -> WSGIApplication:
     """WSGI app serving the service's metrics and health; ``registry`` holds the collectors
     served after the service's own families (the process collector).
 
     ``authorize(environ)`` (optional) decides each request; False answers 401 with
-    ``WWW-Authenticate: Basic realm="mqtt-site-exporter"``.
+    ``WWW-Authenticate: Basic realm="mqtt-site-exporter"``. ``site_connect_histogram``:
+    also serve the per-site connect histogram (EXPORTER_SITE_CONNECT_HISTOGRAM).
+    A scrape yields to the hub between its steps (``gevent.sleep``), so connections and
+    ``/health`` are served while it runs.
     """
-    metrics_app = make_metrics_app(service, registry)
+    metrics_app = make_metrics_app(service, registry,
+                                   families=served_families(site_connect_histogram),
+                                   pause=gevent.sleep)
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if authorize is not None and not authorize(dict(environ)):

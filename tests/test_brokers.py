@@ -166,3 +166,16 @@ def test_calls_stay_cheap_at_10000_sites():
     took = time.perf_counter() - t0
     assert v.connection_losses == 5
     assert took < 2.0, f"100 000 calls took {took:.2f}s"
+
+
+def test_every_site_connect_counts_in_its_endpoint_histogram():
+    v = view(2)
+    a, b = v.states
+    a.connect_duration.observe(0.004)
+    b.connect_duration.observe(0.3)
+    b.connect_duration.observe(0.02)
+    hist = v.connect_duration
+    assert (hist.count, round(hist.sum, 6)) == (3, 0.324)
+    assert dict(hist.cumulative())["0.005"] == 1 and dict(hist.cumulative())["0.5"] == 3
+    assert (a.connect_duration.count, b.connect_duration.count) == (1, 2)
+    assert b.connect_duration.last == 0.02

@@ -38,7 +38,7 @@ EXPECTED_TYPES = {
     "mqtt_site_cooldowns_total": "counter",
     "mqtt_site_messages_received_total": "counter",
     "mqtt_site_last_message_timestamp_seconds": "gauge",
-    "mqtt_site_connect_duration_seconds": "histogram",
+    "mqtt_site_last_connect_duration_seconds": "gauge",
     "mqtt_site_subscriptions_refused_total": "counter",
     "mqtt_exporter_internal_errors_total": "counter",
     "mqtt_site_duplicate_instance": "gauge",
@@ -46,6 +46,7 @@ EXPECTED_TYPES = {
     "mqtt_broker_sites": "gauge",
     "mqtt_broker_sites_connected": "gauge",
     "mqtt_broker_connection_losses_total": "counter",
+    "mqtt_broker_connect_duration_seconds": "histogram",
     "mqtt_exporter_shutdown_duration_seconds": "histogram",
     "mqtt_exporter_last_shutdown_timed_out": "gauge",
     "mqtt_exporter_build_info": "gauge",
@@ -263,7 +264,7 @@ def test_metrics_names_types_labels_and_promtool(broker, exporter_factory):
                  "mqtt_site_cooldown_active", "mqtt_site_cooldown_remaining_seconds",
                  "mqtt_site_cooldowns_total", "mqtt_site_messages_received_total",
                  "mqtt_site_last_message_timestamp_seconds",
-                 "mqtt_site_connect_duration_seconds_count",
+                 "mqtt_site_last_connect_duration_seconds",
                  "mqtt_site_subscriptions_refused_total", "mqtt_exporter_internal_errors_total"):
         assert sorted(s.labels["site"] for s in by[name]) == sorted(sites), name
         assert all(set(s.labels) == {"site"} for s in by[name]), name
@@ -297,7 +298,10 @@ def test_metrics_names_types_labels_and_promtool(broker, exporter_factory):
             assert val("mqtt_site_disconnects_total", site=name, reason=reason) == 0.0
     assert val("mqtt_site_disconnects_total", site="dead", reason="refused") >= 1
     assert val("mqtt_site_connects_total", site="site_a") == 1.0
-    assert val("mqtt_site_connect_duration_seconds_count", site="site_a") == 1.0
+    assert 0 < val("mqtt_site_last_connect_duration_seconds", site="site_a") < 5
+    assert val("mqtt_site_last_connect_duration_seconds", site="dead") == 0.0
+    assert "mqtt_site_connect_duration_seconds_count" not in by  # opt-in only
+    assert val("mqtt_broker_connect_duration_seconds_count", broker=f"{HOST}:{broker.port}") == 1
     # Exported from 0 for every site (alertable with increase() from the first scrape).
     for name in sites:
         assert val("mqtt_site_subscriptions_refused_total", site=name) == 0.0
@@ -584,3 +588,18 @@ def test_authorize_hook_answers_401_with_the_basic_realm(tmp_path):
             lambda s, h, got=got: got.update(status=s))
         assert got["status"] != "401 Unauthorized", path
     assert seen.count("/metrics") == 2
+
+
+def test_site_connect_histogram_is_served_only_on_request(tmp_path):
+    from exporter.http import make_app
+    from exporter.metrics import process_registry
+
+    view = View(tmp_path, names=["a", "b"])
+    view.site_states[0].connect_duration.observe(0.02)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics"}
+    for on in (False, True):
+        app = make_app(view, process_registry(), site_connect_histogram=on)
+        text = b"".join(app(dict(environ), lambda s, h: None)).decode()
+        assert ('mqtt_site_connect_duration_seconds_bucket{le="0.025",site="a"} 1.0\n'
+                in text) is on
+        assert 'mqtt_site_last_connect_duration_seconds{site="a"} 0.02\n' in text

@@ -57,6 +57,7 @@ class Settings:
     web_config: WebConfig | None = None  #: None: plain HTTP, no auth
     http_max_connections: int = 64
     http_timeout_seconds: float = 10.0
+    site_connect_histogram: bool = False
 
 
 def load_settings(environ: Mapping[str, str] | None = None, cwd: str | None = None,
