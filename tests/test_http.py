@@ -603,3 +603,32 @@ def test_site_connect_histogram_is_served_only_on_request(tmp_path):
         assert ('mqtt_site_connect_duration_seconds_bucket{le="0.025",site="a"} 1.0\n'
                 in text) is on
         assert 'mqtt_site_last_connect_duration_seconds{site="a"} 0.02\n' in text
+
+
+def test_a_scrape_lets_the_event_loop_run_between_its_steps(tmp_path):
+    """Timers (and sockets) are served while a scrape of many sites runs: the app yields to
+    the event loop between steps (gevent.sleep(0) alone would hold them to the end)."""
+    import gevent
+    from prometheus_client import CollectorRegistry
+
+    from exporter.http import make_app
+    from exporter.metrics import SITES_PER_PAUSE
+
+    view = View(tmp_path, names=[f"s{i:04d}" for i in range(8 * SITES_PER_PAUSE)])
+    app = make_app(view, CollectorRegistry(auto_describe=False))
+    ticks = []
+
+    def ticker():
+        while True:
+            gevent.sleep(0.000_001)
+            ticks.append(1)
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics"}
+    for _ in range(2):  # the first scrape writes everything, the second reads only
+        greenlet = gevent.spawn(ticker)
+        gevent.sleep(0.000_001)
+        ticks.clear()
+        body = b"".join(app(dict(environ), lambda s, h: None))
+        greenlet.kill()
+        assert b's0000"} ' in body
+        assert len(ticks) >= 7  # one per pause at least: 8 steps of reading

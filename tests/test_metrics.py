@@ -1,6 +1,7 @@
 """Unit tests of the exposition (exporter/metrics.py), in-process with an injected clock."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import re
@@ -39,10 +40,12 @@ from exporter.state import (
     DISCONNECT_REASONS,
     REFUSED,
     SITE_STATES,
+    Duplicate,
     HistogramData,
     ShutdownHistory,
     SiteState,
 )
+from exporter.textformat import escape_label_value, format_value
 from tests.support.fakes import FakeClock
 from tests.support.fakes import site_state as st
 
@@ -516,3 +519,56 @@ def test_openmetrics_body_is_the_text_body_converted(tmp_path):
     assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
     assert om.decode() == text_to_openmetrics(plain.decode())
     assert "# TYPE mqtt_site info\n" in om.decode() and om.endswith(b"# EOF\n")
+
+
+def _changed(value, field_name):
+    """A different value of the same kind (changed in place for the in-place ones)."""
+    if field_name == "disconnects":
+        value["refused"] += 1
+        return value
+    if field_name == "connect_duration":
+        value.observe(0.7)
+        return value
+    if field_name == "duplicate":
+        return Duplicate(None, 1.8e9, 1.8e9) if value is None else None
+    if field_name == "state":
+        return COOLDOWN if value != COOLDOWN else "backoff"
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 2.5
+    if isinstance(value, str):
+        return value + '"x'
+    return 1.8e9 + 0.125  # None: a timestamp
+
+
+def test_a_change_of_any_site_attribute_reaches_the_cached_scrape(tmp_path):
+    """The cache reads a site again only when its key changes: every SiteState attribute,
+    assigned or changed in place, must change the key (or the text would go stale)."""
+    svc = make_service(tmp_path, "inst", ["a", "b", "c"])
+    families = served_families(True)
+    cache = ScrapeCache(families)
+    cache.render(svc)
+    for f in dataclasses.fields(SiteState):
+        b = svc.site_states[1]
+        setattr(b, f.name, _changed(getattr(b, f.name), f.name))
+        if f.name == "state":
+            b.cooldown_until_monotonic = svc.clock.mono + 5
+        got = b"".join(c.data for c in cache.render(svc)).decode()
+        assert got == render_service_text(svc, families), f.name
+        assert cache.read == 1 or f.name == "name", f.name  # only b is read again
+    svc.clock.advance(1.0)  # the remaining cooldown moves without any attribute changing
+    got = b"".join(c.data for c in cache.render(svc)).decode()
+    assert got == render_service_text(svc, families) and cache.read == 0
+    b = svc.site_states[1]
+    label = escape_label_value(b.name)  # the name changed too
+    left = b.cooldown_until_monotonic - svc.clock.mono
+    assert f'mqtt_site_cooldown_remaining_seconds{{site="{label}"}} {left}\n' in got
+
+
+def test_format_value_spells_timestamps_as_prometheus_client_does():
+    from prometheus_client.utils import floatToGoString
+
+    for value in (1e6, 2e6, 1_800_000_000.25, 1.8e9 + 1 / 7, 9_999_999_999_999_998.0, 1e16,
+                  123456789.0, -1.7e9, float("inf"), float("-inf"), float("nan"), 0.0, 7, -3):
+        assert format_value(value) == floatToGoString(value), value
