@@ -73,7 +73,8 @@ with no change in between (**idle**), {SCRAPES} after every site received a mess
 (**busy**: the message counter and timestamp of every site change), {SCRAPES} idle ones
 with `Accept-Encoding: gzip` (what Prometheus sends). Time = request sent to body read. A
 thread polls `/health` every {PROBE_INTERVAL * 1000:.0f} ms meanwhile (**/health max**: its
-slowest answer during the scrape). **No scrape**: the same figures over
+slowest answer during the scrape); the server's RSS before the first scrape and after the
+last. **No scrape**: the same figures over
 {QUIET_SECONDS * 1000:.0f} ms without a scrape (what the machine and `/health` cost anyway).
 Targets at 10 000 sites: `/metrics` within {TARGET_SCRAPE_MS:.0f} ms, no stall over
 {TARGET_STALL_MS:.0f} ms."""
@@ -245,6 +246,12 @@ def _fetch(url: str, gzip: bool = False) -> bytes:
         return resp.read()
 
 
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+    return kb / 1024
+
+
 def hub_round(tree: Path, sites: int) -> dict[str, Any]:
     """One server start of ``tree``'s exporter with ``sites`` sites: every scrape kind, as
     ``{kind: [(ms, stall_ms, health_ms), ...], "bytes": ..., ...}``."""
@@ -278,6 +285,7 @@ def hub_round(tree: Path, sites: int) -> dict[str, Any]:
             time.sleep(QUIET_SECONDS)  # an observation window, not a wait for something
             stall = json.loads(_fetch(f"{base}/bench/stall"))["stall"] * 1000
             out.setdefault("no scrape", []).append((0.0, stall, probe.take() * 1000))
+        rss_before = _rss_mb(proc.pid)
         body = scrape("cold")
         for _ in range(SCRAPES):
             scrape("idle")
@@ -288,6 +296,7 @@ def hub_round(tree: Path, sites: int) -> dict[str, Any]:
         probe.stop.set()
         probe.join(timeout=10)
         out["bytes"], out["gzip_bytes"] = len(body), len(zipped)
+        out["rss_before"], out["rss_after"] = rss_before, _rss_mb(proc.pid)
         out["series_per_site"] = body.count(b'site="site00000"')
         return out
     finally:
@@ -318,7 +327,9 @@ def _hub_rows(label: str, rounds: list[dict[str, Any]], targets: bool) -> list[R
         ]
     rows += [Row(label, "body", "MB", [r["bytes"] / 1e6 for r in rounds]),
              Row(label, "body, gzip", "MB", [r["gzip_bytes"] / 1e6 for r in rounds]),
-             Row(label, "series per site", "", [r["series_per_site"] for r in rounds])]
+             Row(label, "series per site", "", [r["series_per_site"] for r in rounds]),
+             Row(label, "RSS before the first scrape", "MB", [r["rss_before"] for r in rounds]),
+             Row(label, "RSS after the scrapes", "MB", [r["rss_after"] for r in rounds])]
     return rows
 
 

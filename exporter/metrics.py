@@ -219,9 +219,13 @@ def _site_up(st: SiteState, now: float) -> float:
     return 1.0 if st.state == CONNECTED else 0.0
 
 
-def _site_state(st: SiteState, now: float) -> list[float]:
-    state = st.state
-    return [1.0 if state == s else 0.0 for s in SITE_STATES]
+#: mqtt_site_state's values per state (one tuple per state, shared by every site).
+_ONE_HOT = {state: tuple(1.0 if state == s else 0.0 for s in SITE_STATES)
+            for state in SITE_STATES}
+
+
+def _site_state(st: SiteState, now: float) -> tuple[float, ...]:
+    return _ONE_HOT.get(st.state) or (0.0,) * len(SITE_STATES)
 
 
 #: Every family of the service, in exposition order: per-site families, per-broker families,
