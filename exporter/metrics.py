@@ -679,9 +679,9 @@ class ScrapeCache:
     def _scrape(self, states: list[SiteState], now: float) -> _Scraped:
         last = self._last
         names = [st.name for st in states]
-        if last is None or names != last.names:  # other sites: start afresh
-            labels = [f'site="{escape_label_value(name)}"' for name in names]
-            last = _Scraped(names, labels, [None] * len(states),
+        afresh = last is None or names != last.names
+        if last is None or afresh:  # other sites: every one is read, its label made in its step
+            last = _Scraped(names, [], [None] * len(states),
                             {name: [_UNREAD] * len(states) for name, _ in self._untimed}, {})
         columns = dict(last.columns)
         copied: set[str] = set()
@@ -693,6 +693,8 @@ class ScrapeCache:
             if start:
                 self.pause()
             part = states[start:start + batch]
+            if afresh:
+                last.labels += [f'site="{escape_label_value(st.name)}"' for st in part]
             fresh = list(map(site_key, part))
             changed = [i for i, new, old in zip(range(start, start + batch), fresh,
                                                 last.keys[start:start + batch]) if new != old]
