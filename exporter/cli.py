@@ -96,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_usr1(signum: int) -> None:
         from .logs import dump_state
         states = running[0].site_states if running else []
-        dump_state(states, log, pause=lambda: gevent.sleep(0))  # type: ignore[no-untyped-call]
+        from .http import yield_to_loop
+        dump_state(states, log, pause=yield_to_loop)
 
     def on_usr2(signum: int) -> None:
         log.warning("SIGUSR2 received: not used by this exporter; ignored")
@@ -130,7 +131,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     running.extend((service, reloader))
     from .supervisor import reserved_descriptors
     server = make_server(settings.listen_host, settings.listen_port,
-                         make_app(service, process_registry(), **app_kw), **server_kw,
+                         make_app(service, process_registry(), **app_kw,
+                                  site_connect_histogram=settings.site_connect_histogram),
+                         **server_kw,
                          max_connections=settings.http_max_connections,
                          timeout=settings.http_timeout_seconds,
                          reserved_fds=reserved_descriptors(len(settings.sites)))

@@ -198,8 +198,9 @@ class Service:
                     kept.start()
                 built += 1
                 if built % YIELD_EVERY == 0:
-                    # Not sleep(0): that runs ready greenlets only, not timers and I/O.
-                    gevent.sleep(0.001)  # type: ignore[no-untyped-call]
+                    # A timer, not sleep(0), which runs only greenlets already made ready:
+                    # the hub polls sockets and runs timers (exporter.http.yield_to_loop).
+                    gevent.sleep(0.000_001)  # type: ignore[no-untyped-call]
             connections.append(kept)
         self.connections = connections
         self.brokers = [v for v in self._views.values() if v.sites]

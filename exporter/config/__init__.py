@@ -60,6 +60,7 @@ class Settings:
     web_config: WebConfig | None = None  #: None: plain HTTP, no auth
     http_max_connections: int = 64
     http_timeout_seconds: float = 10.0
+    site_connect_histogram: bool = False
     sites_url: str = ""
     sites_url_token_file: str = ""
     sites_reload_seconds: float = 30.0

@@ -212,6 +212,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Seconds an HTTP client has to send its request line and headers (and finish a TLS "
            "handshake), and the longest pause in any read or write of a connection.",
            minimum=0, exclusive_minimum=True),
+    EnvVar("EXPORTER_SITE_CONNECT_HISTOGRAM", "site_connect_histogram", "boolean", False,
+           "Also export the connect-duration histogram per site "
+           "(mqtt_site_connect_duration_seconds, 14 series a site); off: per broker "
+           "endpoint (mqtt_broker_connect_duration_seconds) and the last duration per site."),
 )
 
 
