@@ -14,6 +14,7 @@ import pytest
 
 from exporter.config.shard import owner
 from tests.support import site, wait_until
+from tests.support.broker import retained_all
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -23,10 +24,10 @@ ENV = {"MQTT_BACKOFF_MIN_SECONDS": "0.2", "MQTT_BACKOFF_MAX_SECONDS": "1",
 SITE_UP = re.compile(r'^mqtt_site_up\{site="([^"]+)"\} (\S+)$', re.M)
 
 
-def start_replica(exporter_factory, broker, index: int, count: int):
+def start_replica(exporter_factory, broker, index: int, count: int, sites=SITE_NAMES):
     """Replica ``index`` of ``count``: instance ID and host name ``mse-<index>``."""
     name = f"mse-{index}"
-    return exporter_factory([site(n, broker) for n in SITE_NAMES], instance_id=name,
+    return exporter_factory([site(n, broker) for n in sites], instance_id=name,
                             env={**ENV, "MQTT_SHARDS": str(count), "HOSTNAME": name})
 
 
@@ -39,13 +40,13 @@ def up_sites(exp) -> set[str]:
     return {name for name, value in site_up(exp).items() if value == 1}
 
 
-def wait_all_held(replicas, timeout: float = 20) -> list[set[str]]:
+def wait_all_held(replicas, sites=SITE_NAMES, timeout: float = 20) -> list[set[str]]:
     """Until every site is up on some replica; then each replica's up sites."""
     held: list[list[set[str]]] = [[]]
 
     def covered():
         held[0] = [up_sites(exp.wait_ready()) for exp in replicas]
-        return set().union(*held[0]) == set(SITE_NAMES)
+        return set().union(*held[0]) == set(sites)
 
     wait_until(covered, timeout, interval=0.1,
                message=f"all sites up: {[len(h) for h in held[0]]} per replica")
@@ -87,6 +88,23 @@ def assert_one_holder_each(holders: dict[str, set[str]], held: list[set[str]]) -
     assert holders == expected, {n: h for n, h in holders.items() if h != expected.get(n)}
 
 
+def scale_up(exporter_factory, broker, replicas, sites=SITE_NAMES) -> list[set[str]]:
+    """N -> N+1: replica N starts with MQTT_SHARDS=N+1 and holds its sites (the moved ones
+    are held twice meanwhile, under two client IDs), then the N others restart with it."""
+    count = len(replicas) + 1
+    replicas.append(start_replica(exporter_factory, broker, count - 1, count, sites))
+    mine = {n for n in sites if owner(n, count) == count - 1}
+    wait_until(lambda: up_sites(replicas[-1].wait_ready()) == mine, 20,
+               message="the new replica holds its sites")
+    for exp in replicas[:-1]:
+        exp.terminate()
+    for exp in replicas[:-1]:
+        assert exp.wait_exit(15) == 0
+        exp.env["MQTT_SHARDS"] = str(count)
+        exp.start()
+    return wait_all_held(replicas, sites)
+
+
 def test_replicas_partition_the_sites_a_restart_moves_none_and_a_fourth_takes_a_quarter(
         broker, exporter_factory):
     replicas = [start_replica(exporter_factory, broker, i, 3) for i in range(3)]
@@ -114,19 +132,27 @@ def test_replicas_partition_the_sites_a_restart_moves_none_and_a_fourth_takes_a_
     assert {cid for kind, cid in changed if kind == "connect"} == {
         f"{name}_imse-1" for name in held[1]}
 
-    # 3 -> 4 shards: a fourth replica starts with MQTT_SHARDS=4, then the three restart with
-    # MQTT_SHARDS=4 (a StatefulSet scaled up and rolled). Only sites won by the new replica move.
-    replicas.append(start_replica(exporter_factory, broker, 3, 4))
-    for exp in replicas[:3]:
-        exp.terminate()
-    for exp in replicas[:3]:
-        assert exp.wait_exit(15) == 0
-        exp.env["MQTT_SHARDS"] = "4"
-        exp.start()
-    now = wait_all_held(replicas)
+    # 3 -> 4 shards as a StatefulSet does it: the fourth replica starts with MQTT_SHARDS=4
+    # and is ready, then the three restart with MQTT_SHARDS=4. Only its sites move.
+    now = scale_up(exporter_factory, broker, replicas)
     assert_partition(replicas, now, 4)
     moved = {n for n in SITE_NAMES if next(i for i, h in enumerate(now) if n in h)
              != next(i for i, h in enumerate(held) if n in h)}
     assert moved == now[3], "a site moved between two old replicas"
     assert 45 <= len(moved) <= 105, len(moved)  # a quarter of 300, +- 4 sigma
     assert_one_holder_each(broker_view(broker)[1], now)
+
+
+@pytest.mark.xfail(strict=True, reason="known: a site's retained status is per site, not per "
+                   "holder; the old holder's farewell 'offline' overwrites the new holder's "
+                   "'online' (fix: a connected site answers an 'offline' on its status topic "
+                   "with 'online', exporter/connection.py)")
+def test_a_moved_site_stays_online_after_its_old_holder_restarts(broker, exporter_factory):
+    """After 2 -> 3 shards, every site's retained status is 'online'."""
+    sites = SITE_NAMES[:40]
+    replicas = [start_replica(exporter_factory, broker, i, 2, sites) for i in range(2)]
+    wait_all_held(replicas, sites)
+    scale_up(exporter_factory, broker, replicas, sites)
+    statuses = retained_all(broker, "+/backend/status")
+    assert {n: statuses.get(f"{n}/backend/status") for n in sites} == dict.fromkeys(
+        sites, "online")
