@@ -137,7 +137,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("MQTT_SHARD", "shard", "string", "",
            "This replica's shard as i/N (0 <= i < N): it holds only the sites that rendezvous "
            "hashing of their names assigns to shard i of N.", parser=parse_shard,
-           default_doc="empty (all sites)"),
+           default_doc="empty (all sites)", flag="--shard"),
     EnvVar("MQTT_SHARDS", "shards", "integer", 0,
            "Number of shards, with this replica's shard i taken from its host name "
            "`<name>-<i>` (a StatefulSet pod); set it equal to the StatefulSet's replicas. "
