@@ -125,6 +125,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import Service
 
     configure_logging(settings.log_level, settings.log_format)
+    from .config.shard import instance_id_warning
+    if (warning := instance_id_warning(settings.instance_id)) is not None:
+        log.warning("%s", warning)
     service = Service(settings)
     reloader = Reloader(service, service.clock,
                         offload=gevent.get_hub().threadpool.apply)  # type: ignore[no-untyped-call]
@@ -275,7 +278,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for var in ENV_VARS:
         if var.flag is not None:
             group.add_argument(var.flag, dest=var.name, default=argparse.SUPPRESS,
-                               metavar=var.flag.rsplit(".", 1)[-1].replace("-", "_").upper(),
+                               metavar=var.flag.lstrip("-").rsplit(".", 1)[-1]
+                               .replace("-", "_").upper(),
                                help=f"overrides {var.name}")
 
 

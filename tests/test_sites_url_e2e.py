@@ -123,7 +123,9 @@ def test_endpoint_down_or_bad_document_keeps_the_last_good_sites(
 
 def test_endpoint_down_at_start_then_up(broker, exporter_factory, endpoint):
     proc = start(exporter_factory, endpoint).wait_ready()
-    status, body = proc.health(verbose=True)
+    # HTTP is up before the first fetch is done: wait for its failure to be recorded.
+    status, body = wait_until(lambda: (r := proc.health(verbose=True))[1]["config"]["errors"]
+                              and r, 5, message="the first fetch's error in /health")
     assert status == 503 and body["status"] == "critical", body
     assert body["config"]["loaded"] is False
     assert "Connection refused" in body["config"]["errors"][0]
