@@ -41,7 +41,7 @@ test: deps venv $(AMQTT_BIN)
 	$(VENV_PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV_PY) -m ruff check exporter tests bench scripts
+	$(VENV_PY) -m ruff check exporter tests bench scripts examples
 	$(VENV_PY) -m mypy exporter
 
 # The image test (tests/test_image_e2e.py) alone: podman build + run + restart + stop.

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
-from .state import CONNECTED, Clock, SiteState, SystemClock
+from .state import CONNECT_DURATION_BUCKETS, CONNECTED, Clock, HistogramData, SiteState, SystemClock
 
 #: Clusters kept; the oldest goes when a new one starts.
 MAX_CLUSTERS = 8
@@ -61,13 +61,17 @@ class BrokerView:
         self.connection_losses = 0
         #: Monotonic time of the first loss of the last broker event, None before the first.
         self.last_event_at: float | None = None
+        #: Connect durations of every site of the endpoint (each site's observations count here).
+        self.connect_duration = HistogramData(CONNECT_DURATION_BUCKETS)
         self._clusters: deque[_Cluster] = deque(maxlen=MAX_CLUSTERS)
         for state in states:
             self.add_site(state)
 
     def add_site(self, state: SiteState) -> None:
-        """A site of this endpoint (its connection's state, read for :attr:`connected`)."""
+        """A site of this endpoint (its connection's state, read for :attr:`connected`); its
+        connect durations count in :attr:`connect_duration` from now on."""
         self.states.append(state)
+        state.connect_duration.shared = self.connect_duration
         if state.enabled:
             self.sites += 1
 

@@ -96,7 +96,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_usr1(signum: int) -> None:
         from .logs import dump_state
         states = running[0].site_states if running else []
-        dump_state(states, log, pause=lambda: gevent.sleep(0))  # type: ignore[no-untyped-call]
+        from .http import yield_to_loop
+        dump_state(states, log, pause=yield_to_loop)
 
     def on_usr2(signum: int) -> None:
         log.warning("SIGUSR2 received: not used by this exporter; ignored")
@@ -124,13 +125,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import Service
 
     configure_logging(settings.log_level, settings.log_format)
+    from .config.shard import instance_id_warning
+    if (warning := instance_id_warning(settings.instance_id)) is not None:
+        log.warning("%s", warning)
     service = Service(settings)
     reloader = Reloader(service, service.clock,
                         offload=gevent.get_hub().threadpool.apply)  # type: ignore[no-untyped-call]
     running.extend((service, reloader))
     from .supervisor import reserved_descriptors
     server = make_server(settings.listen_host, settings.listen_port,
-                         make_app(service, process_registry(), **app_kw), **server_kw,
+                         make_app(service, process_registry(), **app_kw,
+                                  site_connect_histogram=settings.site_connect_histogram),
+                         **server_kw,
                          max_connections=settings.http_max_connections,
                          timeout=settings.http_timeout_seconds,
                          reserved_fds=reserved_descriptors(len(settings.sites)))
@@ -168,19 +174,48 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from .config import summarize_site
+    from .config.shard import instance_id_warning
     settings = _load_settings_or_exit(args)
     for site in settings.sites:
         print(summarize_site(site, settings.instance_id))
-    for warning in (w for site in settings.sites for w in site.warnings):
-        print(f"WARNING: {warning}", file=sys.stderr)  # deprecated keys, insecure TLS
+    warnings = [w for site in settings.sites for w in site.warnings]  # deprecated, insecure TLS
+    warnings += filter(None, [instance_id_warning(settings.instance_id)])
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if args.spread:
+        _print_spread(args, settings, args.spread)
     enabled = sum(1 for s in settings.sites if s.enabled)
     listen = (f"[{settings.listen_host}]" if ":" in settings.listen_host
               else settings.listen_host) + f":{settings.listen_port}"
     web = settings.web_config_file or "-"
-    print(f"OK: {settings.sites_file}: {len(settings.sites)} sites ({enabled} enabled), "
+    held = (f"shard {settings.shard}: {len(settings.sites)} of {settings.sites_total} sites"
+            if settings.shard is not None else f"{len(settings.sites)} sites")
+    print(f"OK: {settings.sites_origin}: {held} ({enabled} enabled), "
           f"instance ID {settings.instance_id}; listen {listen}, web config {web}, "
           f"log {settings.log_level} {settings.log_format}, state dir {settings.state_dir}")
     return 0
+
+
+def _print_spread(args: argparse.Namespace, settings: Settings, count: int) -> None:
+    """``check-config --spread N``: the sites each of N shards would hold and, when sharded
+    now, how many sites going from the current shard count to N moves."""
+    from .config import load_settings
+    from .config.shard import owner, spread
+    unsharded = {**flag_overrides(args), "MQTT_SHARD": "", "MQTT_SHARDS": "0"}
+    names = [site.name for site in load_settings(overrides=unsharded).sites]
+    for index, held in enumerate(spread(names, count)):
+        print(f"spread: shard {index}/{count}: {held} sites")
+    current = settings.shard.count if settings.shard is not None else 1
+    moved = sum(1 for name in names if owner(name, current) != owner(name, count))
+    share = f" ({100 * moved / len(names):.1f} %)" if names else ""
+    print(f"spread: {current} -> {count} shards moves {moved} of {len(names)} sites{share}")
+
+
+def _shard_count(value: str) -> int:
+    from .config.shard import MAX_SHARDS
+    if not value.isdigit() or not 1 <= int(value) <= MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"must be a number of shards 1..{MAX_SHARDS}")
+    return int(value)
 
 
 def _default_status_url() -> str:
@@ -243,7 +278,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for var in ENV_VARS:
         if var.flag is not None:
             group.add_argument(var.flag, dest=var.name, default=argparse.SUPPRESS,
-                               metavar=var.flag.rsplit(".", 1)[-1].replace("-", "_").upper(),
+                               metavar=var.flag.lstrip("-").rsplit(".", 1)[-1]
+                               .replace("-", "_").upper(),
                                help=f"overrides {var.name}")
 
 
@@ -264,8 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(run)
     check = sub.add_parser("check-config", help="validate the configuration and print the sites",
                            description="Validate environment, flags and sites file; exit 2 on "
-                           "any error.")
+                           "any error. With a shard (--shard i/N, MQTT_SHARD or MQTT_SHARDS) it "
+                           "prints only that shard's sites.")
     add_config_flags(check)
+    check.add_argument("--spread", type=_shard_count, default=0, metavar="N",
+                       help="also print how many sites each of N shards would hold, and how "
+                       "many would move from the current number of shards to N")
     status = sub.add_parser("status", help="print the verbose health of a running exporter",
                             description="Print /health?verbose=true of a running exporter as "
                             "a table. Exit 0 healthy, 1 degraded or critical, 3 unreachable.")

@@ -36,7 +36,7 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 from prometheus_client import CollectorRegistry
 
 from .health import service_health
-from .metrics import make_metrics_app
+from .metrics import make_metrics_app, served_families
 from .state import ServiceView
 
 if TYPE_CHECKING:
@@ -93,15 +93,32 @@ def _verbose(query_string: str) -> bool:
     return query.get("verbose", ["false"])[-1].strip().lower() in TRUE_VALUES
 
 
+def yield_to_loop() -> None:
+    """Let the event loop poll the sockets and run its timers once, then carry on.
+
+    ``gevent.sleep(0)`` is not enough: it only runs greenlets already made ready. Measured
+    with a greenlet that wakes every 1 ms, a 10 000-site scrape that paused with it held
+    timers and sockets for its whole duration (70-200 ms); with a timer this short, the
+    longest gap is one step of the scrape.
+    """
+    gevent.sleep(0.000_001)  # type: ignore[no-untyped-call]
+
+
 def make_app(service: ServiceView, registry: CollectorRegistry, *,
-             authorize: Callable[[dict[str, Any]], bool] | None = None) -> WSGIApplication:
+             authorize: Callable[[dict[str, Any]], bool] | None = None,
+             site_connect_histogram: bool = False) -> WSGIApplication:
     """WSGI app serving the service's metrics and health; ``registry`` holds the collectors
     served after the service's own families (the process collector).
 
     ``authorize(environ)`` (optional) decides each request; False answers 401 with
-    ``WWW-Authenticate: Basic realm="mqtt-site-exporter"``.
+    ``WWW-Authenticate: Basic realm="mqtt-site-exporter"``. ``site_connect_histogram``:
+    also serve the per-site connect histogram (EXPORTER_SITE_CONNECT_HISTOGRAM).
+    A scrape yields to the event loop between its steps (:func:`yield_to_loop`), so
+    connections and ``/health`` are served while it runs.
     """
-    metrics_app = make_metrics_app(service, registry)
+    metrics_app = make_metrics_app(service, registry,
+                                   families=served_families(site_connect_histogram),
+                                   pause=yield_to_loop)
 
     def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if authorize is not None and not authorize(dict(environ)):

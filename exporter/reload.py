@@ -115,7 +115,7 @@ class Reloader:
         try:
             text = source.read(force)
         except SourceError as exc:
-            return self._failed([f"{source.origin}: {exc}"])
+            return self._failed([f"{source.origin}: {exc}"], unreadable=True)
         if text is None:
             return None
         try:
@@ -134,22 +134,30 @@ class Reloader:
         status.last_changes = str(changes)
         status.sites_total = new.sites_total
         if changes.added or changes.removed or changes.changed:
-            log.info("Sites reloaded from %s: %s; %d sites (%d in the document)",
-                     source.origin, changes, len(new.sites), new.sites_total)
+            log.info("Sites reloaded from %s: %s; %d sites (%d in the document)%s",
+                     source.origin, changes, len(new.sites), new.sites_total,
+                     changes.names())
         else:
             log.info("Sites reloaded from %s: no change", source.origin)
         return True
 
-    def _failed(self, errors: list[str]) -> bool:
+    def _failed(self, errors: list[str], unreadable: bool = False) -> bool:
         status = self.service.config_status
+        # An endpoint that stays down fails at every poll: ERROR once, then DEBUG until the
+        # problems change or a load succeeds.
+        repeated = not status.successful and status.errors == tuple(errors[:MAX_ERRORS_SHOWN])
         status.successful = False
         status.at = self.clock.time()
         status.reloads += 1
         status.failures += 1
         status.errors = tuple(errors[:MAX_ERRORS_SHOWN])
         status.more_errors = max(0, len(errors) - MAX_ERRORS_SHOWN)
-        log.error("Sites reload rejected, keeping the running configuration "
-                  "(%d problem(s)):\n%s", len(errors), "\n".join(f"  - {e}" for e in errors))
+        what = ("Sites could not be read" if unreadable
+                else "Sites reload rejected")
+        log.log(logging.DEBUG if repeated else logging.ERROR,
+                "%s, keeping the running configuration (%d problem(s)%s):\n%s", what,
+                len(errors), ", again" if repeated else "",
+                "\n".join(f"  - {e}" for e in errors))
         return False
 
     def run(self, interval: float, sleep: object) -> None:

@@ -79,6 +79,25 @@ class HistogramData:
         return out
 
 
+class ConnectDurations(HistogramData):
+    """One site's connect durations (attempt start to CONNACK): its own buckets, the
+    last duration, and the histogram of its broker endpoint (``shared``, linked by
+    :meth:`exporter.brokers.BrokerView.add_site`), which every observation also counts in."""
+
+    __slots__ = ("last", "shared")
+
+    def __init__(self) -> None:
+        super().__init__(CONNECT_DURATION_BUCKETS)
+        self.last: float | None = None
+        self.shared: HistogramData | None = None
+
+    def observe(self, value: float) -> None:
+        super().observe(value)
+        self.last = value
+        if self.shared is not None:
+            self.shared.observe(value)
+
+
 @dataclass
 class Duplicate:
     """Another process that uses this site's client ID (one episode, see exporter/presence.py).
@@ -128,8 +147,7 @@ class SiteState:
     duplicate_detections: int = 0                  # duplicate episodes started
     messages_received: int = 0
     last_message_at: float | None = None
-    connect_duration: HistogramData = field(
-        default_factory=lambda: HistogramData(CONNECT_DURATION_BUCKETS))
+    connect_duration: ConnectDurations = field(default_factory=ConnectDurations)
 
     @property
     def connected(self) -> bool:

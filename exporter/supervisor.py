@@ -63,6 +63,19 @@ class SiteChanges:
         return (f"{len(self.added)} added, {len(self.removed)} removed, "
                 f"{len(self.changed)} changed")
 
+    def names(self, limit: int = 20) -> str:
+        """The sites by kind for a log line, at most ``limit`` names in all: ``" (added: a, b;
+        removed: c ...)"``; empty when nothing changed."""
+        parts, left = [], limit
+        for kind, names in (("added", self.added), ("removed", self.removed),
+                            ("changed", self.changed)):
+            if names:
+                shown = ", ".join(names[:max(left, 0)])
+                more = f" and {len(names) - max(left, 0)} more" if len(names) > left else ""
+                parts.append(f"{kind}: {shown}{more}" if shown else f"{kind}: {len(names)} sites")
+                left -= len(names)
+        return f" ({'; '.join(parts)})" if parts else ""
+
 
 @dataclass(frozen=True)
 class ShutdownResult:
@@ -230,8 +243,9 @@ class Service:
                     kept.start()
                 built += 1
                 if built % YIELD_EVERY == 0:
-                    # Not sleep(0): that runs ready greenlets only, not timers and I/O.
-                    gevent.sleep(0.001)  # type: ignore[no-untyped-call]
+                    # A timer, not sleep(0), which runs only greenlets already made ready:
+                    # the hub polls sockets and runs timers (exporter.http.yield_to_loop).
+                    gevent.sleep(0.000_001)  # type: ignore[no-untyped-call]
             connections.append(kept)
         self.connections = connections
         self.brokers = [v for v in self._views.values() if v.sites]

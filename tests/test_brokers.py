@@ -174,3 +174,16 @@ def test_remove_sites_after_a_reload():
     assert view.sites == 2
     view.remove_sites([a, off])
     assert view.states == [b] and view.sites == 1 and view.connected == 1
+
+
+def test_every_site_connect_counts_in_its_endpoint_histogram():
+    v = view(2)
+    a, b = v.states
+    a.connect_duration.observe(0.004)
+    b.connect_duration.observe(0.3)
+    b.connect_duration.observe(0.02)
+    hist = v.connect_duration
+    assert (hist.count, round(hist.sum, 6)) == (3, 0.324)
+    assert dict(hist.cumulative())["0.005"] == 1 and dict(hist.cumulative())["0.5"] == 3
+    assert (a.connect_duration.count, b.connect_duration.count) == (1, 2)
+    assert b.connect_duration.last == 0.02

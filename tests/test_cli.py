@@ -452,3 +452,62 @@ def test_run_creates_a_missing_state_dir(broker, exporter_factory, tmp_path):
     exp.wait_ready(15)
     assert (deep / "state").is_dir()
     assert [p.name for p in (deep / "state").iterdir()] == []  # the write probe is gone
+
+
+# =========================================================================== shards (#10)
+
+
+def shard_sites(tmp_path: Path, count: int = 30) -> list[str]:
+    names = [f"site-{i:03d}" for i in range(count)]
+    write_sites(tmp_path, [{"name": name, "host": HOST} for name in names])
+    return names
+
+
+def listed_sites(stdout: str) -> list[str]:
+    return [line.split(":")[0] for line in stdout.splitlines()
+            if not line.startswith(("OK: ", "spread: "))]
+
+
+@pytest.mark.timeout(60)
+def test_check_config_lists_one_shards_sites_from_the_flag_or_the_pod_name(tmp_path):
+    from exporter.config.shard import owner
+    names = shard_sites(tmp_path)
+    mine = [name for name in names if owner(name, 3) == 1]
+    # The flag; it wins over MQTT_SHARDS of the environment (a check inside a sharded pod).
+    for env in (base_env(tmp_path), base_env(tmp_path, MQTT_SHARDS="3", HOSTNAME="mse-2")):
+        r = cli(["check-config", "--shard", "1/3"], tmp_path, env=env)
+        assert r.returncode == 0, r.stderr
+        assert listed_sites(r.stdout) == mine
+        assert f"OK: {tmp_path / 'sites.yml'}: shard 1/3: {len(mine)} of 30 sites" in r.stdout
+    # A StatefulSet pod: MQTT_SHARDS and the ordinal of its host name.
+    r = cli(["check-config"], tmp_path, env=base_env(tmp_path, MQTT_SHARDS="3", HOSTNAME="mse-1"))
+    assert r.returncode == 0 and listed_sites(r.stdout) == mine, r.stderr
+    r = cli(["check-config", "--shard", "3/3"], tmp_path)
+    assert r.returncode == 2 and "flag --shard (MQTT_SHARD): i must be below N" in r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_check_config_spread_shows_each_shards_share_and_what_moves(tmp_path):
+    from exporter.config.shard import owner, spread
+    names = shard_sites(tmp_path, 200)
+    r = cli(["check-config", "--shard", "0/3", "--spread", "4"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("spread: ")]
+    assert lines[:4] == [f"spread: shard {i}/4: {n} sites"
+                         for i, n in enumerate(spread(names, 4))]  # all sites, not shard 0's
+    moved = sum(1 for name in names if owner(name, 3) != owner(name, 4))
+    assert lines[4] == f"spread: 3 -> 4 shards moves {moved} of 200 sites " \
+                       f"({100 * moved / 200:.1f} %)"
+    r = cli(["check-config", "--spread", "0"], tmp_path)
+    assert r.returncode == 2 and "must be a number of shards" in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(60)
+def test_check_config_warns_when_the_instance_id_is_a_deployment_pod_name(tmp_path):
+    shard_sites(tmp_path, 2)
+    r = cli(["check-config"], tmp_path, env=base_env(tmp_path, MQTT_INSTANCE_ID="mse-7d9f8b6c5d-x2k9q"))
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: the instance ID 'mse-7d9f8b6c5d-x2k9q' looks like a Deployment pod name" \
+        in r.stderr
+    r = cli(["check-config"], tmp_path, env=base_env(tmp_path, MQTT_INSTANCE_ID="mse-0"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr

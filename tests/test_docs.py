@@ -27,7 +27,8 @@ QUICK_START = ("make demo", "make test")
 #: Hand-written markdown files whose anchors are checked. The generated ones
 #: (configuration.md, metrics.md) may rename headings when the code changes.
 ANCHORED = {README, DOCS / "operations.md", DOCS / "architecture.md", DOCS / "bridge.md",
-            DOCS / "benchmarks.md", DOCS / "duplicates.md", DOCS / "kubernetes.md"}
+            DOCS / "benchmarks.md", DOCS / "duplicates.md", DOCS / "kubernetes.md",
+            DOCS / "scaling.md", DOCS / "sites-source.md"}
 MACHINE_PATH = re.compile(r"/work/|/root/|/home/[^/\s<>]+/|/tmp/pytest")
 FENCE = re.compile(r"^\s*(```|~~~)")
 INLINE_CODE = re.compile(r"`[^`]*`")
@@ -106,7 +107,8 @@ def test_readme_has_a_table_of_contents():
 
 def test_docs_exist():
     for name in ("configuration.md", "metrics.md", "operations.md", "architecture.md",
-                 "benchmarks.md", "bridge.md", "duplicates.md", "kubernetes.md"):
+                 "benchmarks.md", "bridge.md", "duplicates.md", "kubernetes.md",
+                 "scaling.md", "sites-source.md"):
         assert (DOCS / name).is_file(), f"docs/{name} is missing"
     assert not (DOCS / "runbook.md").exists(), "the runbook moved to docs/operations.md"
 

@@ -38,7 +38,7 @@ EXPECTED_TYPES = {
     "mqtt_site_cooldowns_total": "counter",
     "mqtt_site_messages_received_total": "counter",
     "mqtt_site_last_message_timestamp_seconds": "gauge",
-    "mqtt_site_connect_duration_seconds": "histogram",
+    "mqtt_site_last_connect_duration_seconds": "gauge",
     "mqtt_site_subscriptions_refused_total": "counter",
     "mqtt_exporter_internal_errors_total": "counter",
     "mqtt_site_duplicate_instance": "gauge",
@@ -46,6 +46,7 @@ EXPECTED_TYPES = {
     "mqtt_broker_sites": "gauge",
     "mqtt_broker_sites_connected": "gauge",
     "mqtt_broker_connection_losses_total": "counter",
+    "mqtt_broker_connect_duration_seconds": "histogram",
     "mqtt_exporter_shutdown_duration_seconds": "histogram",
     "mqtt_exporter_last_shutdown_timed_out": "gauge",
     "mqtt_exporter_build_info": "gauge",
@@ -270,7 +271,7 @@ def test_metrics_names_types_labels_and_promtool(broker, exporter_factory):
                  "mqtt_site_cooldown_active", "mqtt_site_cooldown_remaining_seconds",
                  "mqtt_site_cooldowns_total", "mqtt_site_messages_received_total",
                  "mqtt_site_last_message_timestamp_seconds",
-                 "mqtt_site_connect_duration_seconds_count",
+                 "mqtt_site_last_connect_duration_seconds",
                  "mqtt_site_subscriptions_refused_total", "mqtt_exporter_internal_errors_total"):
         assert sorted(s.labels["site"] for s in by[name]) == sorted(sites), name
         assert all(set(s.labels) == {"site"} for s in by[name]), name
@@ -304,7 +305,10 @@ def test_metrics_names_types_labels_and_promtool(broker, exporter_factory):
             assert val("mqtt_site_disconnects_total", site=name, reason=reason) == 0.0
     assert val("mqtt_site_disconnects_total", site="dead", reason="refused") >= 1
     assert val("mqtt_site_connects_total", site="site_a") == 1.0
-    assert val("mqtt_site_connect_duration_seconds_count", site="site_a") == 1.0
+    assert 0 < val("mqtt_site_last_connect_duration_seconds", site="site_a") < 5
+    assert val("mqtt_site_last_connect_duration_seconds", site="dead") == 0.0
+    assert "mqtt_site_connect_duration_seconds_count" not in by  # opt-in only
+    assert val("mqtt_broker_connect_duration_seconds_count", broker=f"{HOST}:{broker.port}") == 1
     # Exported from 0 for every site (alertable with increase() from the first scrape).
     for name in sites:
         assert val("mqtt_site_subscriptions_refused_total", site=name) == 0.0
@@ -593,3 +597,64 @@ def test_authorize_hook_answers_401_with_the_basic_realm(tmp_path):
             lambda s, h, got=got: got.update(status=s))
         assert got["status"] != "401 Unauthorized", path
     assert seen.count("/metrics") == 2
+
+
+def test_site_connect_histogram_is_served_only_on_request(tmp_path):
+    from exporter.http import make_app
+    from exporter.metrics import process_registry
+
+    view = View(tmp_path, names=["a", "b"])
+    view.site_states[0].connect_duration.observe(0.02)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics"}
+    for on in (False, True):
+        app = make_app(view, process_registry(), site_connect_histogram=on)
+        text = b"".join(app(dict(environ), lambda s, h: None)).decode()
+        assert ('mqtt_site_connect_duration_seconds_bucket{le="0.025",site="a"} 1.0\n'
+                in text) is on
+        assert 'mqtt_site_last_connect_duration_seconds{site="a"} 0.02\n' in text
+
+
+def test_a_scrape_lets_the_event_loop_run_between_its_steps(tmp_path):
+    """Timers (and sockets) are served while a scrape of many sites runs: the app yields to
+    the event loop between steps (gevent.sleep(0) alone would hold them to the end)."""
+    import gevent
+    from prometheus_client import CollectorRegistry
+
+    from exporter.http import make_app
+    from exporter.metrics import SITES_PER_PAUSE
+
+    view = View(tmp_path, names=[f"s{i:04d}" for i in range(8 * SITES_PER_PAUSE)])
+    app = make_app(view, CollectorRegistry(auto_describe=False))
+    ticks = []
+
+    def ticker():
+        while True:
+            gevent.sleep(0.000_001)
+            ticks.append(1)
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics"}
+    for _ in range(2):  # the first scrape writes everything, the second reads only
+        greenlet = gevent.spawn(ticker)
+        gevent.sleep(0.000_001)
+        ticks.clear()
+        body = b"".join(app(dict(environ), lambda s, h: None))
+        greenlet.kill()
+        assert b's0000"} ' in body
+        assert len(ticks) >= 7  # one per pause at least: 8 steps of reading
+
+
+@pytest.mark.timeout(60)
+def test_per_site_connect_histogram_only_on_request(broker, exporter_factory):
+    """EXPORTER_SITE_CONNECT_HISTOGRAM=true brings mqtt_site_connect_duration_seconds back
+    per site; by default only the per-broker histogram and the last duration are there."""
+    plain = start(exporter_factory, [site("site_a", broker)])
+    detailed = start(exporter_factory, [site("site_b", broker)],
+                     env={"EXPORTER_SITE_CONNECT_HISTOGRAM": "true"})
+    for exp in (plain, detailed):
+        wait_until(lambda exp=exp: "mqtt_broker_connect_duration_seconds_count{" in
+                   exp.metrics_text() and 'mqtt_site_up{site=' in exp.metrics_text(), 15)
+    wait_until(lambda: 'mqtt_site_connect_duration_seconds_count{site="site_b"} 1.0'
+               in detailed.metrics_text(), 15, message=detailed.metrics_text()[-2000:])
+    text = plain.metrics_text()
+    assert "mqtt_site_connect_duration_seconds" not in text
+    assert 'mqtt_site_last_connect_duration_seconds{site="site_a"}' in text

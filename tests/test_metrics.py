@@ -1,10 +1,13 @@
 """Unit tests of the exposition (exporter/metrics.py), in-process with an injected clock."""
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import os
 import re
 import subprocess
 import sys
+import zlib
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +23,7 @@ from exporter.metrics import (
     HISTOGRAM,
     INFO,
     BrokerFamily,
+    ScrapeCache,
     ServiceCollector,
     ServiceFamily,
     SiteFamily,
@@ -28,6 +32,8 @@ from exporter.metrics import (
     process_registry,
     reference_markdown,
     render_service_text,
+    served_families,
+    text_to_openmetrics,
 )
 from exporter.reload import ConfigStatus
 from exporter.state import (
@@ -35,10 +41,12 @@ from exporter.state import (
     DISCONNECT_REASONS,
     REFUSED,
     SITE_STATES,
+    Duplicate,
     HistogramData,
     ShutdownHistory,
     SiteState,
 )
+from exporter.textformat import escape_label_value, format_value
 from tests.support.fakes import FakeClock
 from tests.support.fakes import site_state as st
 
@@ -120,8 +128,9 @@ def test_generate_latest_parses_and_has_every_series(tmp_path):
     svc.shutdown_history.record(0.3, False)
     text = generate_latest(fresh_registry(svc)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert "mqtt_site_up" in families and families["mqtt_site_connect_duration"
+    assert "mqtt_site_up" in families and families["mqtt_broker_connect_duration"
                                                      "_seconds"].type == "histogram"
+    assert "mqtt_site_connect_duration_seconds" not in families  # opt-in only
     smp = samples(fresh_registry(svc))
     for site in ("a", "b"):
         for reason in DISCONNECT_REASONS:
@@ -130,7 +139,11 @@ def test_generate_latest_parses_and_has_every_series(tmp_path):
         assert sorted(states.values()) == [0.0] * (len(SITE_STATES) - 1) + [1.0]
     assert value(smp, "mqtt_site_state", site="b", state="backoff") == 1.0
     assert value(smp, "mqtt_site_disconnects_total", site="b", reason="refused") == 3
-    assert value(smp, "mqtt_site_connect_duration_seconds_count", site="a") == 1
+    assert value(smp, "mqtt_site_last_connect_duration_seconds", site="a") == 0.01
+    assert value(smp, "mqtt_site_last_connect_duration_seconds", site="b") == 0.0
+    assert value(smp, "mqtt_broker_connect_duration_seconds_count", broker="127.0.0.1:1883") == 1
+    assert value(smp, "mqtt_broker_connect_duration_seconds_bucket", broker="127.0.0.1:1883",
+                 le="0.01") == 1
     assert value(smp, "mqtt_exporter_shutdown_duration_seconds_bucket", le="0.5") == 1
     assert value(smp, "mqtt_exporter_shutdown_duration_seconds_bucket", le="0.25") == 0
     assert not [k for k in smp if k[0].endswith("_created")]
@@ -153,9 +166,11 @@ def test_cooldown_remaining_uses_the_injected_clock(tmp_path):
     assert value(smp, "mqtt_site_cooldown_active", site="a") == 0.0
 
 
-def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
+@pytest.mark.parametrize("site_histogram", [False, True])
+def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path, site_histogram):
     """/metrics renders the service's families itself (5x faster); it must say exactly what
-    generate_latest says of the same families."""
+    generate_latest says of the same families, the opt-in per-site histogram included."""
+    families = served_families(site_histogram)
     clock = FakeClock()
     history = ShutdownHistory.load(str(tmp_path))
     history.record(0.3, True)
@@ -176,13 +191,19 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
     states[2].broker = "10.0.0.2:8883"
     brokers = brokers_of(states)
     brokers[1].connection_losses = 3
+    states[2].connect_duration.observe(0.02)  # linked to its broker's histogram now
     service = SimpleNamespace(clock=clock, site_states=states, shutdown_history=history,
                               instance_id='bfg "back"', brokers=brokers,
                               config_status=ConfigStatus(loaded=True, at=0.0))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(service))
-    text = render_service_text(service)
+    registry.register(ServiceCollector(service, families))
+    text = render_service_text(service, families)
     assert text == generate_latest(registry).decode()
+    assert b"".join(c.data for c in ScrapeCache(families).render(service)) == text.encode()
+    assert ('mqtt_site_connect_duration_seconds_bucket{le="0.005",site="s-1"} 1.0\n'
+            in text) == site_histogram
+    assert 'mqtt_broker_connect_duration_seconds_bucket{broker="10.0.0.2:8883",le="+Inf"} 1.0\n' in text
+    assert 'mqtt_site_last_connect_duration_seconds{site="s-3"} 11.0\n' in text
     for name in NEW_FAMILIES:
         assert f"# TYPE {name} counter\n" in text
     assert 'mqtt_site_subscriptions_refused_total{site="s-3"} 6.0\n' in text
@@ -192,7 +213,7 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
     assert 'mqtt_broker_connection_losses_total{broker="10.0.0.2:8883"} 3.0\n' in text
     # No site at all: headers only, still identical.
     service.site_states, service.brokers = [], []
-    assert render_service_text(service) == generate_latest(registry).decode()
+    assert render_service_text(service, families) == generate_latest(registry).decode()
 
 
 
@@ -202,7 +223,8 @@ def test_metrics_text_is_byte_identical_to_prometheus_client(tmp_path):
 BOUNDED_LABELS = {"site", "state", "reason", "client_id", "broker", "protocol", "version",
                   "instance_id"}
 BROKER_FAMILIES = {"mqtt_broker_sites": GAUGE, "mqtt_broker_sites_connected": GAUGE,
-                   "mqtt_broker_connection_losses_total": COUNTER}
+                   "mqtt_broker_connection_losses_total": COUNTER,
+                   "mqtt_broker_connect_duration_seconds": HISTOGRAM}
 UNITS = ("_seconds", "_bytes", "_total", "_info", "_timestamp_seconds")
 
 
@@ -230,7 +252,7 @@ def test_family_table_follows_the_conventions():
         "mqtt_site_disconnects_total", "mqtt_site_reconnect_attempts_total",
         "mqtt_site_cooldown_active", "mqtt_site_cooldown_remaining_seconds",
         "mqtt_site_cooldowns_total", "mqtt_site_messages_received_total",
-        "mqtt_site_last_message_timestamp_seconds", "mqtt_site_connect_duration_seconds"]
+        "mqtt_site_last_message_timestamp_seconds", "mqtt_site_last_connect_duration_seconds"]
     process = names[names.index("mqtt_exporter_shutdown_duration_seconds"):]
     assert process[:3] == ["mqtt_exporter_shutdown_duration_seconds",
                            "mqtt_exporter_last_shutdown_timed_out", "mqtt_exporter_build_info"]
@@ -420,3 +442,137 @@ def test_reference_cli_prints_the_reference():
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == reference_markdown()
+
+
+# -- the scrape cache (what /metrics serves) -------------------------------------------------
+
+def scrape(app, **headers):
+    got = {}
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", **headers}
+    body = b"".join(app(environ, lambda status, hdrs: got.update(dict(hdrs))))
+    assert got["Content-Length"] == str(len(body))
+    return body, got
+
+
+def test_scrape_cache_serves_the_full_render_as_sites_change(tmp_path):
+    svc = make_service(tmp_path, "inst", [f"s{i}" for i in range(7)])
+    cache = ScrapeCache(served_families(True), batch=3)
+
+    def check():
+        text = render_service_text(svc, served_families(True))
+        assert b"".join(c.data for c in cache.render(svc)) == text.encode()
+
+    check()
+    a, b = svc.site_states[:2]
+    a.messages_received, a.last_message_at = 3, 1.8e9 + 0.25
+    b.state, b.cooldown_until_monotonic = COOLDOWN, 1010.0
+    b.disconnects["takeover"] += 1
+    b.connect_duration.observe(0.3)
+    check()
+    svc.clock.advance(4.0)  # only the remaining cooldown moves
+    check()
+    svc.site_states = svc.site_states[1:] + [st('new "one"')]  # the sites themselves change
+    svc.brokers = brokers_of(svc.site_states)
+    check()
+    svc.site_states = []
+    check()
+
+
+def test_scrape_cache_pauses_between_steps_and_rewrites_only_what_changed(tmp_path):
+    svc = make_service(tmp_path, "inst", [f"s{i}" for i in range(10)])
+    pauses = []
+    cache = ScrapeCache(pause=lambda: pauses.append(1), batch=4)
+    site_families = [f for f in FAMILIES if isinstance(f, SiteFamily)]
+    series = sum(len(f.each) or 1 for f in site_families)
+    cache.render(svc)
+    # 10 sites in steps of 4: 2 pauses while reading, 2 more per family written.
+    assert len(pauses) == 2 + 2 * len(site_families)
+    assert cache.written == 10 * series
+    pauses.clear()
+    cache.render(svc)
+    assert (len(pauses), cache.written) == (2, 0)  # nothing changed: nothing written
+    svc.site_states[9].messages_received += 1
+    cache.render(svc)
+    assert cache.written == 10  # one family, every site of it
+
+
+def test_gzip_body_is_one_member_of_the_plain_body(tmp_path):
+    svc = make_service(tmp_path, "inst", [f"s{i}" for i in range(50)])
+    app = make_metrics_app(svc, process_registry())
+    plain, _ = scrape(app)
+    for _ in range(2):  # from fresh segments, then from cached ones
+        zipped, headers = scrape(app, HTTP_ACCEPT_ENCODING="gzip, deflate")
+        assert headers["Content-Encoding"] == "gzip"
+        unzipped = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one member: no trailing data
+        assert unzipped.decompress(zipped) + unzipped.flush() == plain.replace(
+            _cpu_line(plain), _cpu_line(unzipped_text := gzip.decompress(zipped)))
+        assert unzipped.eof and not unzipped.unused_data
+        assert unzipped_text.startswith(render_service_text(svc).encode())
+
+
+def _cpu_line(body: bytes) -> bytes:
+    """The process collector's CPU line: it moves between two scrapes."""
+    return re.search(rb"^process_cpu_seconds_total .*$", body, re.M).group(0)
+
+
+def test_openmetrics_body_is_the_text_body_converted(tmp_path):
+    svc = make_service(tmp_path, "inst", ["a", "b"])
+    app = make_metrics_app(svc, CollectorRegistry(auto_describe=False), families=served_families(True))
+    plain, _ = scrape(app)
+    om, headers = scrape(app, HTTP_ACCEPT="application/openmetrics-text;version=1.0.0")
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert om.decode() == text_to_openmetrics(plain.decode())
+    assert "# TYPE mqtt_site info\n" in om.decode() and om.endswith(b"# EOF\n")
+
+
+def _changed(value, field_name):
+    """A different value of the same kind (changed in place for the in-place ones)."""
+    if field_name == "disconnects":
+        value["refused"] += 1
+        return value
+    if field_name == "connect_duration":
+        value.observe(0.7)
+        return value
+    if field_name == "duplicate":
+        return Duplicate(None, 1.8e9, 1.8e9) if value is None else None
+    if field_name == "state":
+        return COOLDOWN if value != COOLDOWN else "backoff"
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 2.5
+    if isinstance(value, str):
+        return value + '"x'
+    return 1.8e9 + 0.125  # None: a timestamp
+
+
+def test_a_change_of_any_site_attribute_reaches_the_cached_scrape(tmp_path):
+    """The cache reads a site again only when its key changes: every SiteState attribute,
+    assigned or changed in place, must change the key (or the text would go stale)."""
+    svc = make_service(tmp_path, "inst", ["a", "b", "c"])
+    families = served_families(True)
+    cache = ScrapeCache(families)
+    cache.render(svc)
+    for f in dataclasses.fields(SiteState):
+        b = svc.site_states[1]
+        setattr(b, f.name, _changed(getattr(b, f.name), f.name))
+        if f.name == "state":
+            b.cooldown_until_monotonic = svc.clock.mono + 5
+        got = b"".join(c.data for c in cache.render(svc)).decode()
+        assert got == render_service_text(svc, families), f.name
+        assert cache.read == 1 or f.name == "name", f.name  # only b is read again
+    svc.clock.advance(1.0)  # the remaining cooldown moves without any attribute changing
+    got = b"".join(c.data for c in cache.render(svc)).decode()
+    assert got == render_service_text(svc, families) and cache.read == 0
+    b = svc.site_states[1]
+    label = escape_label_value(b.name)  # the name changed too
+    left = b.cooldown_until_monotonic - svc.clock.mono
+    assert f'mqtt_site_cooldown_remaining_seconds{{site="{label}"}} {left}\n' in got
+
+
+def test_format_value_spells_timestamps_as_prometheus_client_does():
+    from prometheus_client.utils import floatToGoString
+
+    for value in (1e6, 2e6, 1_800_000_000.25, 1.8e9 + 1 / 7, 9_999_999_999_999_998.0, 1e16,
+                  123456789.0, -1.7e9, float("inf"), float("-inf"), float("nan"), 0.0, 7, -3):
+        assert format_value(value) == floatToGoString(value), value

@@ -122,3 +122,23 @@ def test_applied_hook_gets_the_new_settings_only_when_applied(tmp_path):
     assert r.reload() is False and seen == []
     write(tmp_path, [SITE, {**SITE, "name": "b"}])
     assert r.reload() is True and seen == [2]
+
+
+def test_a_failure_that_repeats_is_logged_once_at_error(tmp_path, caplog):
+    import logging
+    r, _, _ = reloader(tmp_path, [SITE])
+    (tmp_path / "sites.yml").unlink()
+    with caplog.at_level(logging.DEBUG, logger="exporter.reload"):
+        assert r.reload(force=True) is False
+        assert r.reload(force=True) is False
+    levels = [(rec.levelname, rec.getMessage().split(" (")[0]) for rec in caplog.records]
+    assert levels == [("ERROR", "Sites could not be read, keeping the running configuration"),
+                      ("DEBUG", "Sites could not be read, keeping the running configuration")]
+
+
+def test_site_changes_name_the_sites_up_to_a_limit():
+    from exporter.supervisor import SiteChanges
+    many = SiteChanges(added=tuple(f"a{i}" for i in range(25)), removed=("x",))
+    assert many.names().endswith("a19 and 5 more; removed: 1 sites)")
+    assert SiteChanges(added=("a",), changed=("c",)).names() == " (added: a; changed: c)"
+    assert SiteChanges().names() == ""

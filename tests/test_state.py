@@ -7,7 +7,13 @@ import os
 
 import pytest
 
-from exporter.state import SHUTDOWN_DURATION_BUCKETS, HistogramData, ShutdownHistory
+from exporter.state import (
+    CONNECT_DURATION_BUCKETS,
+    SHUTDOWN_DURATION_BUCKETS,
+    ConnectDurations,
+    HistogramData,
+    ShutdownHistory,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -113,3 +119,14 @@ def test_shutdown_history_with_non_numeric_counts_is_treated_as_corrupt(tmp_path
 
 
 # =========================================================================== metrics
+
+
+def test_connect_durations_keep_the_last_and_feed_the_shared_histogram():
+    durations = ConnectDurations()
+    assert (durations.last, durations.count) == (None, 0)
+    durations.observe(0.2)  # not linked to a broker yet: its own buckets only
+    shared = HistogramData(CONNECT_DURATION_BUCKETS)
+    durations.shared = shared
+    durations.observe(0.01)
+    assert (durations.last, durations.count, shared.count) == (0.01, 2, 1)
+    assert dict(shared.cumulative())["0.01"] == 1

@@ -60,6 +60,7 @@ class Settings:
     web_config: WebConfig | None = None  #: None: plain HTTP, no auth
     http_max_connections: int = 64
     http_timeout_seconds: float = 10.0
+    site_connect_histogram: bool = False
     sites_url: str = ""
     sites_url_token_file: str = ""
     sites_reload_seconds: float = 30.0
@@ -135,8 +136,11 @@ def load_settings(environ: Mapping[str, str] | None = None, cwd: str | None = No
 
 def _shard(values: dict[str, object], lookup: Lookup, errors: list[str],
            flagged: Mapping[str, str]) -> Shard | None:
-    """MQTT_SHARD, or MQTT_SHARDS with the ordinal from the host name."""
+    """MQTT_SHARD, or MQTT_SHARDS with the ordinal from the host name. A --shard flag wins
+    over MQTT_SHARDS from the environment (``check-config --shard i/N`` in a sharded pod)."""
     shard, count = values["shard"], values["shards"]
+    if isinstance(shard, Shard) and "MQTT_SHARD" in flagged and "MQTT_SHARDS" not in flagged:
+        return shard
     if isinstance(shard, Shard) and count:
         errors.append(f"{source('MQTT_SHARDS', flagged)}: set MQTT_SHARD or MQTT_SHARDS, "
                       "not both")

@@ -137,7 +137,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("MQTT_SHARD", "shard", "string", "",
            "This replica's shard as i/N (0 <= i < N): it holds only the sites that rendezvous "
            "hashing of their names assigns to shard i of N.", parser=parse_shard,
-           default_doc="empty (all sites)"),
+           default_doc="empty (all sites)", flag="--shard"),
     EnvVar("MQTT_SHARDS", "shards", "integer", 0,
            "Number of shards, with this replica's shard i taken from its host name "
            "`<name>-<i>` (a StatefulSet pod); set it equal to the StatefulSet's replicas. "
@@ -212,6 +212,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "Seconds an HTTP client has to send its request line and headers (and finish a TLS "
            "handshake), and the longest pause in any read or write of a connection.",
            minimum=0, exclusive_minimum=True),
+    EnvVar("EXPORTER_SITE_CONNECT_HISTOGRAM", "site_connect_histogram", "boolean", False,
+           "Also export the connect-duration histogram per site "
+           "(mqtt_site_connect_duration_seconds, 14 series a site); off: per broker "
+           "endpoint (mqtt_broker_connect_duration_seconds) and the last duration per site."),
 )
 
 

@@ -21,6 +21,10 @@ import marshmallow as ma
 _ORDINAL_RE = re.compile(r"-(\d{1,6})$")
 #: More shards than this is a typo, not a deployment.
 MAX_SHARDS = 10_000
+#: A Deployment pod name: ``<name>-<pod-template-hash>-<5 random>``, both suffixes drawn from
+#: Kubernetes' safe alphabet (no vowels, no 0, 1, 3), the hash 8 to 10 characters long.
+_DEPLOYMENT_POD_RE = re.compile(r".+-[bcdfghjklmnpqrstvwxz2456789]{8,10}"
+                                r"-[bcdfghjklmnpqrstvwxz2456789]{5}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,24 @@ def select(items: Iterable[_T], shard: Shard | None) -> tuple[_T, ...]:
     if shard is None or shard.count == 1:
         return tuple(items)
     return tuple(item for item in items if shard.owns(item.name))
+
+
+def spread(names: Iterable[str], count: int) -> list[int]:
+    """How many of ``names`` each shard 0..count-1 holds."""
+    held = [0] * count
+    for name in names:
+        held[owner(name, count)] += 1
+    return held
+
+
+def instance_id_warning(instance_id: str) -> str | None:
+    """Why an instance ID that looks like a Deployment pod name is a problem, or None."""
+    if _DEPLOYMENT_POD_RE.fullmatch(instance_id) is None:
+        return None
+    return (f"the instance ID {instance_id[:64]!r} looks like a Deployment pod name: client IDs "
+            "(<site>_i<ID>) will change at every rollout, and with MQTT_CLEAN_SESSION=false "
+            "each rollout leaves a session per site on the broker; run a StatefulSet (stable "
+            "pod names) or set MQTT_INSTANCE_ID to a stable value (docs/scaling.md)")
 
 
 def parse_shard(value: str) -> Shard | None:
