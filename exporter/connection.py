@@ -319,12 +319,19 @@ class SiteConnection:
         st.connect_duration.observe(now - self._attempt_started)
         if self.settings.lwt_enabled:
             client.publish(self.site.status_topic, ONLINE, qos=1, retain=True)
+        # Our status topic, to answer another holder's 'offline' (below, _deliver), unless
+        # the site's own filters cover it; refused, it only costs that answer.
+        status = [] if not self.settings.lwt_enabled or any(
+            mqtt.topic_matches_sub(f, self._status_topic) for f in self.site.topics
+        ) else [(self._status_topic, 0)]
         if self.presence:
             # Subscribe first: the broker then delivers the previous holder's retained
             # record before ours replaces it.
-            self._presence_mid = client.subscribe(self._presence_topic, qos=1)[1]
+            self._presence_mid = client.subscribe([(self._presence_topic, 1), *status])[1]
             self.tracker.connection_started()
             self._publish_record(client)
+        elif status:
+            self._presence_mid = client.subscribe(status)[1]
         client.subscribe([(topic, 0) for topic in self.site.topics])
         self.log.info("Connected to %s as %s", self.site.broker, self.client_id)
 
@@ -348,8 +355,9 @@ class SiteConnection:
         if refused and mid == self._presence_mid:
             self.log.warning("Broker %s refused the subscription to %s (%s): duplicate "
                              "instances can only be inferred (MQTT_PRESENCE_ENABLED=false "
-                             "silences this)", self.site.broker, self._presence_topic,
-                             refused[0])
+                             "silences this), and another holder's 'offline' on %s is not "
+                             "answered", self.site.broker, self._presence_topic, refused[0],
+                             self._status_topic)
         elif refused:  # e.g. an ACL: connected, but nothing will ever arrive
             self.state.subscriptions_refused += len(refused)
             self.state.refused_now += len(refused)
@@ -363,8 +371,15 @@ class SiteConnection:
 
     def _deliver(self, topic: str, payload: bytes) -> None:
         """Every message on the site's topics: from paho, or from the inbound fast path."""
-        if topic == self._status_topic:
-            return  # our own online/offline echo is not traffic from the site
+        if topic == self._status_topic:  # not traffic from the site
+            if (payload == OFFLINE and self._connack_ok and self._end is None
+                    and not self._stopping and self.settings.lwt_enabled):
+                # Another holder's goodbye or will (the site moved to this replica, or a
+                # process that held it before ended): the site is online through us.
+                self._client.publish(self._status_topic, ONLINE, qos=1, retain=True)
+                self.log.info("'offline' from another holder on %s: 'online' published "
+                              "again (this connection is up)", self._status_topic)
+            return
         if topic == self._presence_topic:
             if self.presence and payload:  # an empty retained payload clears, says nothing
                 self.tracker.on_payload(payload)

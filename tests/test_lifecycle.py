@@ -568,3 +568,32 @@ def test_frozen_broker_does_not_hold_back_the_healthy_ones(broker_factory, expor
     wait_until(lambda: frozen.disconnects(cid("stuck")) == 1, 10,
                message=f"frozen broker processed the goodbye\n{frozen.log_text()}")
     assert retained(frozen, status_topic("stuck"), timeout=10) == "offline"
+
+
+@pytest.mark.timeout(60)
+def test_another_holders_offline_is_answered_with_online(broker, exporter_factory):
+    """A site's status topic is one per site, not per holder: when another holder (the
+    replica that held the site before a shard change, a replaced process) says 'offline'
+    while we are connected, the retained status goes back to 'online'. Also for a site whose
+    topics do not cover its status topic (it gets a subscription of its own)."""
+    proc = exporter_factory([site("covered", broker), site("custom", broker, topics=["x/y"])],
+                            instance_id=INSTANCE, env=FAST_ENV)
+    wait_all_up(proc, 2)
+    pub = mqtt_client(broker, client_id="old-holder")
+    pub.connect(broker.host, broker.port, keepalive=10)
+    pub.loop_start()
+    try:
+        for n in ("covered", "custom"):
+            pub.publish(status_topic(n), b"offline", qos=1, retain=True).wait_for_publish(10)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+    for n in ("covered", "custom"):
+        wait_until(lambda n=n: retained(broker, status_topic(n)) == "online", 10,
+                   message=f"{n}: 'online' again")
+    proc.wait_log(r"'offline' from another holder on custom/backend/status", 10)
+    # Our own goodbye is not answered: after SIGTERM the status stays 'offline'.
+    proc.signal(signal.SIGTERM)
+    assert proc.wait_exit(EXIT_TIMEOUT) == 0
+    assert retained(broker, status_topic("covered")) == "offline"
+    assert retained(broker, status_topic("custom")) == "offline"
