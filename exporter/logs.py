@@ -46,6 +46,10 @@ class SiteTextFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text", stream: TextIO | None = None) -> None:
+    # No thread name in our records: under gevent, asking for it makes a _DummyThread (with
+    # its locks) for every greenlet that logs, kept as long as the greenlet lives: one per
+    # site (10 000 objects at 10 000 sites; measured: 5 MB of RSS).
+    logging.logThreads = False
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else SiteTextFormatter(TEXT_FORMAT))
     root = logging.getLogger()
