@@ -3,15 +3,13 @@ and stopped together, in parallel, within one deadline.
 """
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
 import random
 import resource
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.lock import BoundedSemaphore
@@ -20,6 +18,7 @@ from .bridge import BridgeStore
 from .bridge import build as build_bridges
 from .brokers import BrokerView
 from .connection import Drains, SiteConnection
+from .gcpause import collector_paused
 from .presence import Identity
 from .reload import ConfigStatus
 from .state import Clock, ShutdownHistory, SiteState, SystemClock
@@ -29,8 +28,6 @@ if TYPE_CHECKING:
     from .config import Settings, SiteConfig
 
 log = logging.getLogger(__name__)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 #: Descriptors kept free beyond one per site and the HTTP connections: logs, the state file,
 #: the listener, DNS lookups, a presence tombstone's extra connection.
@@ -111,25 +108,6 @@ def raise_fd_limit(needed: int, http_connections: int = 0) -> None:
         if new < want:
             log.warning("Only %d file descriptors allowed for %d sites and %d HTTP connections",
                         new, needed, http_connections)
-
-
-def collector_paused(fn: Callable[P, R]) -> Callable[P, R]:
-    """``fn`` with Python's cyclic garbage collector paused while it runs.
-
-    For the calls that build thousands of long-lived objects at once (the service for 10 000
-    sites: 2.1 s with the collector, 0.56 s without): each full collection they trigger scans
-    every object built so far and frees nothing.
-    """
-    @functools.wraps(fn)
-    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if was_enabled:
-                gc.enable()
-    return paused
 
 
 class Service:
@@ -229,7 +207,7 @@ class Service:
         if self.bridge_store is not None:
             self.bridge_store.drop_sites(conn.site.name for conn in leaving)
         if leaving:
-            self._retire(leaving)
+            self._goodbye(leaving, self.clock.monotonic() + self.settings.shutdown_timeout)
         staying = {c.site.name: c for c in self.connections}
         if self.running:
             raise_fd_limit(len(settings.sites), settings.http_max_connections)
@@ -258,11 +236,6 @@ class Service:
             self.bridge_store = BridgeStore(self.clock, self.settings.bridge_max_series)
         return self.bridge_store.site(site.name, site.bridge, site.status_topic)
 
-    def _retire(self, leaving: list[SiteConnection]) -> None:
-        """Goodbye (tombstone, offline, DISCONNECT) on every connection in ``leaving``, all
-        at once, until the broker closes each or the shutdown timeout passes."""
-        self._goodbye(leaving, self.clock.monotonic() + self.settings.shutdown_timeout)
-
     def _goodbye(self, leaving: list[SiteConnection], deadline: float) -> tuple[int, int]:
         """The farewell of every stopped connection in ``leaving`` at once, then wait until
         the broker closed each or ``deadline`` (monotonic). Returns (connections said goodbye
@@ -281,6 +254,14 @@ class Service:
         gevent.killall(pending, block=False)  # type: ignore[no-untyped-call]
         return drains.total + len(tombstones), abandoned
 
+    # A full collection triggered meanwhile costs 20-150 ms and frees nothing.
+    @collector_paused
+    def _stop_all(self, deadline: float) -> tuple[int, int]:
+        """Stop every connection and say goodbye on all; (goodbyes, abandoned)."""
+        for conn in self.connections:
+            conn.stop()
+        return self._goodbye(self.connections, deadline)
+
     def shutdown(self, started_at: float | None = None) -> ShutdownResult:
         """Close every connection at once, bounded by ``settings.shutdown_timeout``.
 
@@ -291,17 +272,7 @@ class Service:
         started_at = clock.monotonic() if started_at is None else started_at
         deadline = started_at + self.settings.shutdown_timeout
         self.running = False
-        # A full collection triggered by the spawns below costs 20-150 ms and frees nothing.
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        total = abandoned = 0
-        try:
-            for conn in self.connections:
-                conn.stop()
-            total, abandoned = self._goodbye(self.connections, deadline)
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        total, abandoned = self._stop_all(deadline)
         duration = clock.monotonic() - started_at
         timed_out = bool(abandoned)
         result = ShutdownResult(duration, timed_out, total - abandoned, abandoned)
